@@ -1,0 +1,32 @@
+"""resaspp_ops: fused multi-rate dilated convolutions for DeepLab's ASPP.
+
+    multi_rate_conv2d   the fused op (1x1 + atrous 3x3 branches, one read of the input)
+    FusedASPP           drop-in replacement for torchvision's ASPP
+    convert_aspp        swap FusedASPP into an existing model; revert_aspp swaps back
+    resolution_aware_rate(s), fov_size   the atrous-rate guideline of Kim et al.
+    backends()          which backends can run here, and why not
+
+Importing the package queries no GPU and loads no compiled code.
+"""
+from __future__ import annotations
+
+import torch
+
+from resaspp_ops import backend as _backend
+from resaspp_ops._version import __version__
+from resaspp_ops.nn import FusedASPP, convert_aspp, revert_aspp
+from resaspp_ops.ops import multi_rate_conv2d, multi_rate_conv2d_reference
+from resaspp_ops.rates import fov_size, resolution_aware_rate, resolution_aware_rates
+
+
+def backends(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> dict:
+    """{name: BackendStatus(available, reason)} for tensors of `device` (default: cuda if visible, else cpu)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {name: _backend.status(name, device, dtype) for name in _backend.NAMES}
+
+
+__all__ = [
+    "FusedASPP", "__version__", "backends", "convert_aspp", "fov_size", "multi_rate_conv2d",
+    "multi_rate_conv2d_reference", "resolution_aware_rate", "resolution_aware_rates", "revert_aspp",
+]

@@ -1,0 +1,73 @@
+"""Backends of the fused multi-rate convolution, and the choice between them.
+
+Every backend is a module with the same three functions (the contract the ops layer relies on):
+
+    availability(device: torch.device, dtype: torch.dtype) -> (bool, str)
+        whether it can run tensors of that device and dtype here, and if not, why not.
+    forward(x, w1x1, w3x3, rates, scale, shift, relu) -> out
+        x [N, C, H, W], w1x1 [Co, C, 1, 1], w3x3 [B, Co, C, 3, 3], rates: tuple of B ints,
+        scale/shift: None or [(1+B)*Co] in the accumulation dtype (fp32, or fp64 for fp64 x);
+        out [N, (1+B)*Co, H, W] channels_last in x's dtype.
+    backward(grad, x, w1x1, w3x3, rates, need_x, need_w) -> (grad_x, grad_w1x1, grad_w3x3)
+        grad of the pre-epilogue output [N, (1+B)*Co, H, W]; None where not requested.
+
+Inputs reach a backend already validated by resaspp_ops.ops (shapes, dtypes, devices, rates).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import NamedTuple
+
+import torch
+
+NAMES = ("reference", "cuda", "triton")
+# The order "auto" tries on a CUDA device; the CPU always gets the reference (oneDNN) path.
+AUTO_ORDER_CUDA = ("cuda", "triton", "reference")
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    reason: str
+
+
+def get(name: str):
+    """The backend module called `name` (one of NAMES)."""
+    if name not in NAMES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)} or 'auto'")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def status(name: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> BackendStatus:
+    """Whether backend `name` can run tensors of this device and dtype, and if not, why not."""
+    ok, reason = get(name).availability(torch.device(device), dtype)
+    return BackendStatus(bool(ok), reason)
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend that runs tensors of this device and dtype.
+
+    "auto" picks the first available of AUTO_ORDER_CUDA on CUDA and the reference elsewhere.
+    A named backend that cannot run them raises RuntimeError with the reason: never a silent stand-in.
+    """
+    if name == "auto":
+        if device.type != "cuda":
+            return "reference"
+        for candidate in AUTO_ORDER_CUDA:
+            if get(candidate).availability(device, dtype)[0]:
+                return candidate
+        return "reference"
+    ok, reason = get(name).availability(device, dtype)
+    if not ok:
+        raise RuntimeError(f"resaspp_ops backend {name!r} cannot run {dtype} tensors on {device}: {reason}")
+    return name
+
+
+def auto_choice(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> tuple[str, str]:
+    """(backend, why) that "auto" picks for tensors of this device and dtype."""
+    device = torch.device(device)
+    chosen = resolve("auto", device, dtype)
+    if device.type != "cuda":
+        return chosen, f"{device.type} tensors run on the reference backend (PyTorch's own convolutions)"
+    skipped = [f"{n}: {get(n).availability(device, dtype)[1]}" for n in AUTO_ORDER_CUDA[: AUTO_ORDER_CUDA.index(chosen)]]
+    why = f"first available in the order {' > '.join(AUTO_ORDER_CUDA)}"
+    return chosen, why + (f" (skipped {'; '.join(skipped)})" if skipped else "")

@@ -1,0 +1,115 @@
+"""The `resaspp` command: rates, info, bench, erf.
+
+    resaspp rates --input-size 769 --output-stride 8     the guideline's rates and the star's extent
+    resaspp info                                         versions, the build, the backends
+    resaspp bench ...                                    the benchmark suite (resaspp_ops.bench)
+    resaspp erf ...                                      effective receptive field (resaspp_ops.erf)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _input_size(text: str):
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected S or HxW, got {text!r}") from None
+    if len(sizes) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected S or HxW, got {text!r}")
+    return sizes[0] if len(sizes) == 1 else tuple(sizes)
+
+
+def cmd_rates(args) -> int:
+    from resaspp_ops.rates import effective_size, fov_size, resolution_aware_rate, resolution_aware_rates
+
+    try:
+        r_star = resolution_aware_rate(args.input_size, args.output_stride)
+        rates = resolution_aware_rates(args.input_size, args.output_stride)
+    except ValueError as exc:
+        print(f"resaspp rates: error: {exc}", file=sys.stderr)
+        return 2
+    size = effective_size(args.input_size)
+    if isinstance(args.input_size, tuple):
+        print(f"crop {args.input_size[0]}x{args.input_size[1]}: FusedASPP takes one rate per branch for both "
+              f"axes, so the guideline uses the shorter side S = {size}")
+    print(f"input size S = {size}, output stride OS = {args.output_stride}")
+    print(f"rate r* = (S - 32) / (6 * OS) = {r_star:.2f}")
+    print(f"rates   = {rates}")
+    print(f"FOV     = 6 * r * OS + 32 = {fov_size(rates[0], args.output_stride)} px "
+          f"(unrounded: {fov_size(r_star, args.output_stride):.0f} px)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    import resaspp_ops
+    from resaspp_ops import backend as B
+    from resaspp_ops.backend import cuda as cuda_backend
+
+    print(f"resaspp_ops {resaspp_ops.__version__}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda})")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton: not installed")
+    gpu = torch.cuda.is_available()
+    print(f"CUDA device: {torch.cuda.get_device_name() if gpu else 'none visible'}")
+    ext = cuda_backend.extension()
+    try:
+        from resaspp_ops._build_config import BUILD_CONFIG
+    except ImportError:
+        BUILD_CONFIG = None
+    if ext is not None and BUILD_CONFIG:
+        print(f"resaspp_ops._C: built for TORCH_CUDA_ARCH_LIST={BUILD_CONFIG['arch_list']} "
+              f"with {BUILD_CONFIG['cuda_home']} (torch {BUILD_CONFIG['torch']})")
+    elif ext is not None:
+        print("resaspp_ops._C: built (no build record)")
+    else:
+        print(f"resaspp_ops._C: not available: {cuda_backend.availability(torch.device('cuda'), torch.float32)[1]}")
+    for device in ("cpu", "cuda"):
+        print(f"backends for {device} tensors:")
+        for name in B.NAMES:
+            ok, reason = B.status(name, device)
+            print(f"  {name:10s} {'available' if ok else 'unavailable'}: {reason}")
+    choice, why = B.auto_choice("cuda", torch.bfloat16)
+    print(f"auto for a CUDA bf16 tensor: {choice} ({why})")
+    return 0
+
+
+def _delegate(module: str):
+    def run(args) -> int:
+        return importlib.import_module(module).main(args.rest)
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resaspp", description="resaspp_ops: fused ASPP kernels and tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("rates", help="the resolution-aware atrous rates for a crop size and output stride")
+    p.add_argument("--input-size", type=_input_size, required=True, help="crop size S, or HxW")
+    p.add_argument("--output-stride", type=int, required=True, help="backbone output stride (8 or 16)")
+    p.set_defaults(func=cmd_rates)
+    p = sub.add_parser("info", help="versions, the CUDA build and the available backends")
+    p.set_defaults(func=cmd_info)
+    for name, module, text in (("bench", "resaspp_ops.bench", "the benchmark suite (resaspp bench --help)"),
+                               ("erf", "resaspp_ops.erf.cli", "effective receptive field (resaspp erf --help)")):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_delegate(module))
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""FusedASPP: torchvision's ASPP with the 1x1 and atrous branches in one fused op."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from resaspp_ops import backend as _backend
+from resaspp_ops.ops import check_rates, multi_rate_conv2d
+
+
+class FusedASPP(nn.Module):
+    """Drop-in replacement for torchvision.models.segmentation.deeplabv3.ASPP.
+
+    Same constructor arguments, same submodules and the same state_dict keys, so a torchvision
+    ASPP's state_dict loads into it and back:
+
+        convs.0            Sequential(Conv2d 1x1, BatchNorm2d, ReLU)
+        convs.1 .. convs.B Sequential(Conv2d 3x3 with dilation = padding = rate, BatchNorm2d, ReLU)
+        convs.B+1          Sequential(AdaptiveAvgPool2d(1), Conv2d 1x1, BatchNorm2d, ReLU)  (image pooling)
+        project            Sequential(Conv2d 1x1, BatchNorm2d, ReLU, Dropout)
+
+    The convolutions of convs.0 .. convs.B run as one `multi_rate_conv2d`. When their BatchNorms
+    are in eval mode (running statistics), the BatchNorms and ReLUs are folded into the op's
+    epilogue; in training mode the op is followed by each branch's own BatchNorm and ReLU modules,
+    so SyncBatchNorm conversion, momentum and running statistics behave exactly as in torchvision.
+
+    Args:
+        in_channels: C of the input [N, C, H, W].
+        atrous_rates: the B dilation rates of the 3x3 branches.
+        out_channels: Co of every branch and of the projection (256 in DeepLabV3).
+        backend: "auto", "reference", "cuda" or "triton" (see resaspp_ops.backends()).
+        dropout: the projection's dropout probability (0.5 in torchvision).
+    """
+
+    def __init__(self, in_channels: int, atrous_rates: Sequence[int], out_channels: int = 256, *,
+                 backend: str = "auto", dropout: float = 0.5) -> None:
+        super().__init__()
+        rates = check_rates(tuple(atrous_rates))
+        if backend != "auto":
+            _backend.get(backend)  # ValueError for an unknown name
+        self.backend = backend
+        modules = [nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                 nn.BatchNorm2d(out_channels), nn.ReLU())]
+        for rate in rates:
+            modules.append(nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 3, padding=rate, dilation=rate, bias=False),
+                nn.BatchNorm2d(out_channels), nn.ReLU()))
+        modules.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                     nn.BatchNorm2d(out_channels), nn.ReLU()))
+        self.convs = nn.ModuleList(modules)
+        self.project = nn.Sequential(nn.Conv2d(len(self.convs) * out_channels, out_channels, 1, bias=False),
+                                     nn.BatchNorm2d(out_channels), nn.ReLU(), nn.Dropout(dropout))
+
+    @classmethod
+    def for_input_size(cls, in_channels: int, input_size, output_stride: int, out_channels: int = 256,
+                       **kwargs) -> "FusedASPP":
+        """A FusedASPP whose rates follow the resolution-aware guideline for this crop size and stride."""
+        from resaspp_ops.rates import resolution_aware_rates
+
+        return cls(in_channels, resolution_aware_rates(input_size, output_stride), out_channels, **kwargs)
+
+    @property
+    def rates(self) -> tuple[int, ...]:
+        """The atrous rates, read from the 3x3 convolutions."""
+        return tuple(int(branch[0].dilation[0]) for branch in self.convs[1:-1])
+
+    @property
+    def in_channels(self) -> int:
+        return self.convs[0][0].in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.convs[0][0].out_channels
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, rates={self.rates}, out_channels={self.out_channels}, backend={self.backend!r}"
+
+    def _branch_weights(self) -> tuple[Tensor, Tensor]:
+        w1x1 = self.convs[0][0].weight
+        w3x3 = torch.stack([branch[0].weight for branch in self.convs[1:-1]])
+        return w1x1, w3x3
+
+    def _folded_epilogue(self) -> tuple[Tensor, Tensor]:
+        """Per-channel scale and shift [(1+B)*Co] of the branch BatchNorms in eval mode (differentiable)."""
+        scales, shifts = [], []
+        for branch in self.convs[:-1]:
+            bn = branch[1]
+            dtype = torch.float64 if bn.running_var.dtype == torch.float64 else torch.float32
+            inv_std = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+            scale = inv_std * bn.weight.to(dtype) if bn.weight is not None else inv_std
+            shift = -bn.running_mean.to(dtype) * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias.to(dtype)
+            scales.append(scale)
+            shifts.append(shift)
+        return torch.cat(scales), torch.cat(shifts)
+
+    def _can_fold(self) -> bool:
+        return all(not branch[1].training and branch[1].running_var is not None for branch in self.convs[:-1])
+
+    def _check_batch(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"FusedASPP expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"FusedASPP was built for {self.in_channels} input channels, got {x.shape[1]}")
+        pool_bn = self.convs[-1][2]
+        if pool_bn.training and x.shape[0] == 1:
+            index = len(self.convs) - 1
+            raise ValueError(
+                f"FusedASPP got a batch of 1 in training mode: the image-pooling branch's BatchNorm "
+                f"(convs.{index}.2) sees one value per channel and cannot compute batch statistics. "
+                f"Train with batch size >= 2, or put that BatchNorm in eval mode to use its running "
+                f"statistics (aspp.convs[{index}][2].eval(), or model.eval() for inference).")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_batch(x)
+        w1x1, w3x3 = self._branch_weights()
+        if self._can_fold():
+            scale, shift = self._folded_epilogue()
+            parts = [multi_rate_conv2d(x, w1x1, w3x3, self.rates, scale, shift, relu=True, backend=self.backend)]
+        else:
+            fused = multi_rate_conv2d(x, w1x1, w3x3, self.rates, backend=self.backend)
+            parts = [branch[2](branch[1](y)) for branch, y in zip(self.convs[:-1], fused.split(self.out_channels, 1))]
+        pooled = self.convs[-1](x)  # [N, Co, 1, 1]; torchvision upsamples it bilinearly, a broadcast
+        parts.append(pooled.expand(-1, -1, x.shape[2], x.shape[3]).to(parts[0].dtype))
+        return self.project(torch.cat(parts, dim=1))

@@ -1,0 +1,196 @@
+"""The fused multi-rate convolution as a PyTorch op (DESIGN.md section 3).
+
+Two custom ops, registered with torch.library so that autograd, torch.compile (no graph breaks)
+and torch.library.opcheck all work:
+
+    resaspp_ops::multi_rate_conv2d            forward, with the scale/shift/ReLU epilogue
+    resaspp_ops::multi_rate_conv2d_backward   grads of x, w1x1, w3x3 from the pre-epilogue grad
+
+Each takes the name of a concrete backend ("reference", "cuda", "triton"); the public function
+`multi_rate_conv2d` validates its inputs, applies autocast and resolves backend="auto".
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from resaspp_ops import backend as _backend
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels accumulate in and the epilogue's scale/shift are held in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_rates(rates) -> tuple[int, ...]:
+    """rates as a tuple of positive Python ints, or ValueError."""
+    if isinstance(rates, (int, Tensor)) or not isinstance(rates, Sequence):
+        raise ValueError(f"rates must be a sequence of positive integers, got {rates!r}")
+    out = []
+    for r in rates:
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or int(r) < 1:
+            raise ValueError(f"rates must be positive integers, got {list(rates)!r}")
+        out.append(int(r))
+    if not out:
+        raise ValueError("rates must hold at least one atrous rate")
+    return tuple(out)
+
+
+def check_inputs(x: Tensor, w1x1: Tensor, w3x3: Tensor, rates, scale: Optional[Tensor],
+                 shift: Optional[Tensor]) -> None:
+    """Raises ValueError / TypeError with a clear message for anything the op does not accept."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor [N, C, H, W], got shape {tuple(getattr(x, 'shape', ()))}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if w1x1.dim() != 4 or tuple(w1x1.shape[2:]) != (1, 1):
+        raise ValueError(f"w1x1 must be [Co, C, 1, 1], got {tuple(w1x1.shape)}")
+    if w3x3.dim() != 5 or tuple(w3x3.shape[3:]) != (3, 3):
+        raise ValueError(f"w3x3 must be [B, Co, C, 3, 3], got {tuple(w3x3.shape)}")
+    n_rates = len(rates)
+    if w3x3.shape[0] != n_rates:
+        raise ValueError(f"w3x3 holds {w3x3.shape[0]} atrous branches but {n_rates} rates were given")
+    if w1x1.shape[1] != x.shape[1] or w3x3.shape[2] != x.shape[1]:
+        raise ValueError(f"channel mismatch: x has C={x.shape[1]} but w1x1 expects {w1x1.shape[1]} "
+                         f"and w3x3 expects {w3x3.shape[2]} input channels")
+    if w3x3.shape[1] != w1x1.shape[0]:
+        raise ValueError(f"w1x1 has Co={w1x1.shape[0]} output channels but w3x3 has {w3x3.shape[1]}")
+    for name, t in (("w1x1", w1x1), ("w3x3", w3x3)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}; cast them to one dtype or use torch.autocast")
+    channels = (1 + n_rates) * w1x1.shape[0]
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != channels:
+            raise ValueError(f"{name} must be [(1+B)*Co] = [{channels}], got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+
+
+def _output_like(x: Tensor, channels) -> Tensor:
+    n, _, h, w = x.shape
+    return x.new_empty((n, channels, h, w)).contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("resaspp_ops::multi_rate_conv2d", mutates_args=())
+def _multi_rate_conv2d(x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int], scale: Optional[Tensor],
+                       shift: Optional[Tensor], relu: bool, backend: str) -> Tensor:
+    check_inputs(x, w1x1, w3x3, rates, scale, shift)
+    acc = accumulation_dtype(x.dtype)
+    scale = None if scale is None else scale.to(acc)
+    shift = None if shift is None else shift.to(acc)
+    return _backend.get(backend).forward(x, w1x1, w3x3, tuple(rates), scale, shift, relu)
+
+
+@_multi_rate_conv2d.register_fake
+def _(x, w1x1, w3x3, rates, scale, shift, relu, backend):
+    check_inputs(x, w1x1, w3x3, rates, scale, shift)
+    return _output_like(x, (1 + len(rates)) * w1x1.shape[0])
+
+
+@torch.library.custom_op("resaspp_ops::multi_rate_conv2d_backward", mutates_args=())
+def _multi_rate_conv2d_backward(grad: Tensor, x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int],
+                                need_x: bool, need_w: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    grad_x, grad_w1x1, grad_w3x3 = _backend.get(backend).backward(
+        grad, x, w1x1, w3x3, tuple(rates), need_x, need_w)
+    # A custom op cannot return None: an empty tensor stands for "not requested".
+    empty = x.new_empty(0)
+    return (grad_x if need_x else empty, grad_w1x1 if need_w else empty.clone(),
+            grad_w3x3 if need_w else empty.clone())
+
+
+@_multi_rate_conv2d_backward.register_fake
+def _(grad, x, w1x1, w3x3, rates, need_x, need_w, backend):
+    empty = x.new_empty(0)
+    return (torch.empty_like(x, memory_format=torch.channels_last) if need_x else empty,
+            torch.empty_like(w1x1) if need_w else empty.clone(), torch.empty_like(w3x3) if need_w else empty.clone())
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1x1, w3x3, rates, scale, shift, relu, backend = inputs
+    ctx.rates, ctx.relu, ctx.backend = tuple(rates), relu, backend
+    ctx.has_scale, ctx.has_shift = scale is not None, shift is not None
+    ctx.save_for_backward(x, w1x1, w3x3, scale, shift, output if relu else None)
+
+
+def _backward(ctx, grad_out):
+    x, w1x1, w3x3, scale, shift, out = ctx.saved_tensors
+    need_x, need_w1, need_w3, _, need_scale, need_shift = ctx.needs_input_grad[:6]
+    grad = grad_out
+    if ctx.relu:
+        grad = grad.masked_fill(out <= 0, 0)
+    grad_scale = grad_shift = None
+    if ctx.has_scale or ctx.has_shift:
+        acc = accumulation_dtype(x.dtype)
+        grad_acc = grad.to(acc)
+        if ctx.has_shift and need_shift:
+            grad_shift = grad_acc.sum(dim=(0, 2, 3)).to(shift.dtype)
+        if ctx.has_scale and need_scale:
+            conv = torch.ops.resaspp_ops.multi_rate_conv2d(x, w1x1, w3x3, ctx.rates, None, None, False, ctx.backend)
+            grad_scale = (grad_acc * conv.to(acc)).sum(dim=(0, 2, 3)).to(scale.dtype)
+        if ctx.has_scale:
+            grad = (grad_acc * scale.to(acc).view(1, -1, 1, 1)).to(x.dtype)
+    grad_x = grad_w1x1 = grad_w3x3 = None
+    if need_x or need_w1 or need_w3:
+        gx, gw1, gw3 = torch.ops.resaspp_ops.multi_rate_conv2d_backward(
+            grad, x, w1x1, w3x3, ctx.rates, need_x, need_w1 or need_w3, ctx.backend)
+        grad_x = gx if need_x else None
+        grad_w1x1 = gw1 if need_w1 else None
+        grad_w3x3 = gw3 if need_w3 else None
+    return grad_x, grad_w1x1, grad_w3x3, None, grad_scale, grad_shift, None, None
+
+
+_multi_rate_conv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+def multi_rate_conv2d(x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int], scale: Optional[Tensor] = None,
+                      shift: Optional[Tensor] = None, relu: bool = False, *, backend: str = "auto") -> Tensor:
+    """The 1x1 branch and the atrous 3x3 branches of ASPP in one fused op.
+
+    Args:
+        x: [N, C, H, W] float16 / bfloat16 / float32 / float64, any memory format.
+        w1x1: [Co, C, 1, 1], the 1x1 branch.
+        w3x3: [B, Co, C, 3, 3], the atrous branches; branch i has dilation and padding rates[i].
+        rates: B positive integers.
+        scale, shift: optional [(1+B)*Co] per-channel epilogue (a folded BatchNorm), applied in fp32
+            (fp64 for fp64 x) before the optional ReLU.
+        relu: apply ReLU after the epilogue.
+        backend: "auto", "reference", "cuda" or "triton" (see resaspp_ops.backends()).
+
+    Returns:
+        [N, (1+B)*Co, H, W] in x's dtype, channels_last, channels ordered 1x1, rates[0], ..., rates[B-1].
+
+    Under torch.autocast, x and the weights are cast to the autocast dtype as nn.Conv2d's would be.
+    """
+    rates = check_rates(rates)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in _FLOAT_DTYPES and x.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w1x1, w3x3 = x.to(dtype), w1x1.to(dtype), w3x3.to(dtype)
+    check_inputs(x, w1x1, w3x3, rates, scale, shift)
+    name = _backend.resolve(backend, x.device, x.dtype)
+    return torch.ops.resaspp_ops.multi_rate_conv2d(x, w1x1, w3x3, rates, scale, shift, relu, name)
+
+
+def multi_rate_conv2d_reference(x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int],
+                                scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                                relu: bool = False) -> Tensor:
+    """Plain PyTorch with the same signature and result (autograd by PyTorch itself): the ground truth."""
+    from resaspp_ops.backend.reference import apply_epilogue, branch_convs
+
+    rates = check_rates(rates)
+    check_inputs(x, w1x1, w3x3, rates, scale, shift)
+    acc = accumulation_dtype(x.dtype)
+    y = torch.cat(branch_convs(x, w1x1, w3x3, rates), dim=1)
+    return apply_epilogue(y, None if scale is None else scale.to(acc), None if shift is None else shift.to(acc), relu)
