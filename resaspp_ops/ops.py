@@ -103,17 +103,19 @@ def _multi_rate_conv2d_backward(grad: Tensor, x: Tensor, w1x1: Tensor, w3x3: Ten
                                 need_x: bool, need_w: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     grad_x, grad_w1x1, grad_w3x3 = _backend.get(backend).backward(
         grad, x, w1x1, w3x3, tuple(rates), need_x, need_w)
-    # A custom op cannot return None: an empty tensor stands for "not requested".
+    # Fixed output layouts whatever the backend (the fake kernel promises them). A custom op
+    # cannot return None: an empty tensor stands for "not requested".
     empty = x.new_empty(0)
-    return (grad_x if need_x else empty, grad_w1x1 if need_w else empty.clone(),
-            grad_w3x3 if need_w else empty.clone())
+    return (grad_x.contiguous(memory_format=torch.channels_last) if need_x else empty,
+            grad_w1x1.contiguous() if need_w else empty.clone(), grad_w3x3.contiguous() if need_w else empty.clone())
 
 
 @_multi_rate_conv2d_backward.register_fake
 def _(grad, x, w1x1, w3x3, rates, need_x, need_w, backend):
     empty = x.new_empty(0)
     return (torch.empty_like(x, memory_format=torch.channels_last) if need_x else empty,
-            torch.empty_like(w1x1) if need_w else empty.clone(), torch.empty_like(w3x3) if need_w else empty.clone())
+            torch.empty_like(w1x1, memory_format=torch.contiguous_format) if need_w else empty.clone(),
+            torch.empty_like(w3x3, memory_format=torch.contiguous_format) if need_w else empty.clone())
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,0 +1,226 @@
+"""FusedASPP against torchvision's ASPP; convert_aspp / revert_aspp."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.segmentation import deeplabv3_resnet50
+from torchvision.models.segmentation.deeplabv3 import ASPP
+
+import resaspp_ops
+from resaspp_ops import FusedASPP, convert_aspp, revert_aspp
+
+RATES = (2, 5, 11)
+
+
+def randomize_batchnorm(module, seed=0):
+    """Non-trivial BN statistics and affine parameters, so eval-mode folding is really tested."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return module
+
+
+def twin_modules(c=12, rates=RATES, co=8, dtype=torch.float64, device="cpu"):
+    tv = randomize_batchnorm(ASPP(c, list(rates), co)).to(device, dtype)
+    fused = FusedASPP(c, rates, co).to(device, dtype)
+    fused.load_state_dict(tv.state_dict())
+    return tv, fused
+
+
+def rel_err(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(3, 12, 13, 9), (2, 12, 4, 4)], ids=["13x9", "4x4"])
+def test_matches_torchvision_outputs_and_grads(device, train, shape):
+    tv, fused = twin_modules(device=device)
+    tv.train(train)
+    fused.train(train)
+    x = torch.randn(*shape, dtype=torch.float64, device=device)
+    outs, grads, stats = [], [], []
+    for m in (tv, fused):
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(7)  # the same dropout mask in train mode
+        y = m(xi)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype).to(device)
+        params = list(m.parameters())
+        gs = torch.autograd.grad(y, [xi] + params, g)
+        outs.append(y)
+        grads.append(gs)
+        stats.append([b.clone() for b in m.buffers()])
+    assert rel_err(outs[1], outs[0]) < 1e-10
+    names = ["x"] + [n for n, _ in tv.named_parameters()]
+    for name, a, b in zip(names, grads[1], grads[0]):
+        assert rel_err(a, b) < 1e-10, name
+    for a, b in zip(stats[1], stats[0]):  # running statistics updated identically
+        assert rel_err(a.double(), b.double()) < 1e-10
+
+
+def test_frozen_batchnorm_finetuning_gets_bn_param_grads():
+    """Eval-mode BN (folded into the epilogue) still passes grads to BN's weight and bias."""
+    tv, fused = twin_modules()
+    tv.eval()
+    fused.eval()
+    x = torch.randn(2, 12, 7, 8, dtype=torch.float64)
+    gt = torch.autograd.grad(tv(x).square().sum(), list(tv.parameters()))
+    gf = torch.autograd.grad(fused(x).square().sum(), list(fused.parameters()))
+    for (name, _), a, b in zip(tv.named_parameters(), gf, gt):
+        assert rel_err(a, b) < 1e-10, name
+
+
+def test_state_dict_round_trip():
+    tv = randomize_batchnorm(ASPP(16, [3, 6], 8))
+    fused = FusedASPP(16, [3, 6], 8)
+    assert list(fused.state_dict()) == list(tv.state_dict())
+    fused.load_state_dict(tv.state_dict())
+    tv2 = ASPP(16, [3, 6], 8)
+    tv2.load_state_dict(fused.state_dict())
+    for (k, a), (_, b) in zip(tv.state_dict().items(), tv2.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_same_seed_same_initialisation():
+    torch.manual_seed(0)
+    tv = ASPP(8, [1, 2], 4)
+    torch.manual_seed(0)
+    fused = FusedASPP(8, [1, 2], 4)
+    for (k, a), b in zip(tv.state_dict().items(), fused.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_batch_of_one_in_training_names_the_pooling_batchnorm():
+    fused = FusedASPP(8, [1, 2], 4).train()
+    with pytest.raises(ValueError, match=r"convs\.3\.2"):
+        fused(torch.randn(1, 8, 5, 5))
+    fused.convs[-1][2].eval()  # the documented way out
+    assert fused(torch.randn(1, 8, 5, 5)).shape == (1, 4, 5, 5)
+
+
+def test_wrong_input_channels():
+    with pytest.raises(ValueError, match="built for 8 input channels, got 9"):
+        FusedASPP(8, [1, 2], 4).eval()(torch.randn(2, 9, 5, 5))
+
+
+def test_unknown_backend_rejected_at_construction():
+    with pytest.raises(ValueError, match="unknown backend"):
+        FusedASPP(8, [1, 2], 4, backend="cudnn")
+
+
+def test_for_input_size():
+    m = FusedASPP.for_input_size(16, 769, 8, out_channels=4)
+    assert m.rates == (15, 30, 45)
+    assert m.out_channels == 4
+
+
+def test_sync_batchnorm_conversion_reaches_every_batchnorm():
+    fused = nn.SyncBatchNorm.convert_sync_batchnorm(FusedASPP(8, [1, 2], 4))
+    bns = [m for m in fused.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == 5 and all(isinstance(m, nn.SyncBatchNorm) for m in bns)
+    assert isinstance(fused, FusedASPP)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_convert_deeplabv3_end_to_end(train):
+    torch.manual_seed(0)
+    model = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=5).double()
+    randomize_batchnorm(model.classifier)
+    model.train(train)
+    converted = convert_aspp(copy.deepcopy(model))
+    assert isinstance(converted.classifier[0], FusedASPP)
+    assert converted.training == train
+    x = torch.randn(2, 3, 65, 81, dtype=torch.float64)
+    outs = []
+    for m in (model, converted):
+        torch.manual_seed(1)  # the same dropout mask in train mode
+        outs.append(m(x)["out"])
+    assert rel_err(outs[1], outs[0]) < 1e-10
+    for a, b in zip(converted.buffers(), model.buffers()):
+        assert rel_err(a.double(), b.double()) < 1e-10
+
+
+def test_convert_keeps_parameters_state_device_dtype():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), ASPP(8, [1, 2], 4)).double()
+    model[1].convs[1][1].eval()  # a per-child mode that must survive
+    params = {id(p) for p in model[1].parameters()}
+    converted = convert_aspp(model)
+    assert converted is model and isinstance(model[1], FusedASPP)
+    assert {id(p) for p in model[1].parameters()} == params
+    assert model[1].training and not model[1].convs[1][1].training
+    assert all(p.dtype == torch.float64 for p in model[1].parameters())
+    reverted = revert_aspp(model)
+    assert isinstance(reverted[1], ASPP) and {id(p) for p in reverted[1].parameters()} == params
+
+
+def test_convert_then_revert_same_outputs():
+    torch.manual_seed(0)
+    aspp = randomize_batchnorm(ASPP(8, [1, 3], 4)).double().eval()
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    ref = aspp(x)
+    fused = convert_aspp(copy.deepcopy(aspp))  # a top-level ASPP is returned replaced
+    assert isinstance(fused, FusedASPP)
+    assert rel_err(fused(x), ref) < 1e-10
+    back = revert_aspp(fused)
+    assert type(back) is ASPP and rel_err(back(x), ref) < 1e-12
+
+
+class StructurallyASPP(nn.Module):
+    """torchvision's ASPP structure under another class (as segmentation_models_pytorch's ASPP)."""
+
+    def __init__(self, c, co, rates, dropout=0.1):
+        super().__init__()
+        mods = [nn.Sequential(nn.Conv2d(c, co, 1, bias=False), nn.BatchNorm2d(co), nn.ReLU())]
+        mods += [nn.Sequential(nn.Conv2d(c, co, 3, padding=r, dilation=r, bias=False), nn.BatchNorm2d(co), nn.ReLU())
+                 for r in rates]
+        mods.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, co, 1, bias=False), nn.BatchNorm2d(co),
+                                  nn.ReLU()))
+        self.convs = nn.ModuleList(mods)
+        self.project = nn.Sequential(nn.Conv2d((2 + len(rates)) * co, co, 1, bias=False), nn.BatchNorm2d(co),
+                                     nn.ReLU(), nn.Dropout(dropout))
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        outs = [m(x) for m in self.convs[:-1]]
+        outs.append(nn.functional.interpolate(self.convs[-1](x), size=(h, w), mode="bilinear", align_corners=False))
+        return self.project(torch.cat(outs, 1))
+
+
+def test_convert_accepts_structural_aspp():
+    torch.manual_seed(0)
+    m = randomize_batchnorm(StructurallyASPP(6, 4, [2, 4])).double().eval()
+    x = torch.randn(2, 6, 8, 10, dtype=torch.float64)
+    ref = m(x)
+    wrapper = convert_aspp(nn.Sequential(m))
+    assert isinstance(wrapper[0], FusedASPP) and wrapper[0].project[3].p == 0.1
+    assert rel_err(wrapper(x), ref) < 1e-10
+
+
+def test_convert_skips_other_structures_and_warns():
+    model = nn.Sequential(nn.Conv2d(3, 3, 3))
+    with pytest.warns(UserWarning, match="nothing was converted"):
+        convert_aspp(model)
+    m = StructurallyASPP(6, 4, [2])
+    m.convs[1][0] = nn.Conv2d(6, 4, 3, padding=1, dilation=2, bias=False)  # padding != dilation
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert_aspp(nn.Sequential(m))
+    assert any("nothing was converted" in str(w.message) for w in caught)
+
+
+def test_converted_module_uses_requested_backend():
+    fused = convert_aspp(ASPP(8, [1, 2], 4), backend="reference")
+    assert fused.backend == "reference"
+    assert "rates=(1, 2)" in repr(fused)
+
+
+def test_public_api():
+    for name in resaspp_ops.__all__:
+        assert hasattr(resaspp_ops, name), name

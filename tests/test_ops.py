@@ -1,0 +1,190 @@
+"""The op contract of DESIGN.md section 3: results, grads, registration and input checking."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resaspp_ops
+from resaspp_ops import backend as backend_registry
+from resaspp_ops import multi_rate_conv2d
+from utils import AWKWARD, Problem, assert_error_rule, float64_reference, make_problem, pytorch_same_dtype
+
+
+def _backends_for(device):
+    """The backends that can run on `device` here (the reference always can)."""
+    return [name for name in backend_registry.NAMES if backend_registry.status(name, device).available]
+
+
+@pytest.mark.parametrize("problem", AWKWARD, ids=str)
+@pytest.mark.parametrize("epilogue", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_forward_matches_float64(device, problem, epilogue, channels_last):
+    for name in _backends_for(device):
+        x, w1, w3, scale, shift = make_problem(problem, torch.float32, device, channels_last=channels_last,
+                                               epilogue=epilogue, seed=1)
+        y = multi_rate_conv2d(x, w1, w3, problem.rates, scale, shift, relu=epilogue, backend=name)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        ref = float64_reference(x, w1, w3, problem.rates, scale, shift, epilogue)
+        same = pytorch_same_dtype(x, w1, w3, problem.rates, scale, shift, epilogue)
+        assert_error_rule(y, ref, same, what=f"{name} forward {problem}")
+
+
+@pytest.mark.parametrize("problem", AWKWARD, ids=str)
+def test_grads_match_float64(device, problem):
+    for name in _backends_for(device):
+        x, w1, w3, scale, shift = make_problem(problem, torch.float32, device, epilogue=True, seed=2,
+                                               requires_grad=True)
+        g = torch.randn((problem.n, (1 + len(problem.rates)) * problem.co, problem.h, problem.w),
+                        generator=torch.Generator().manual_seed(3)).to(device)
+        y = multi_rate_conv2d(x, w1, w3, problem.rates, scale, shift, relu=True, backend=name)
+        grads = torch.autograd.grad(y, (x, w1, w3), g)
+        x64, w164, w364 = (t.detach().double().cpu().requires_grad_() for t in (x, w1, w3))
+        y64 = resaspp_ops.multi_rate_conv2d_reference(x64, w164, w364, problem.rates, scale.double().cpu(),
+                                                      shift.double().cpu(), True)
+        grads64 = torch.autograd.grad(y64, (x64, w164, w364), g.double().cpu())
+        xs, w1s, w3s = (t.detach().requires_grad_() for t in (x, w1, w3))
+        ys = resaspp_ops.multi_rate_conv2d_reference(xs, w1s, w3s, problem.rates, scale, shift, True)
+        grads_same = torch.autograd.grad(ys, (xs, w1s, w3s), g)
+        for what, a, r, s in zip(("grad_x", "grad_w1x1", "grad_w3x3"), grads, grads64, grads_same):
+            assert_error_rule(a, r, s, what=f"{name} {what} {problem}")
+
+
+def test_gradcheck_with_epilogue():
+    p = Problem(2, 3, 2, 5, 4, (1, 3))
+    x, w1, w3, scale, shift = make_problem(p, torch.float64, epilogue=True, requires_grad=True)
+    scale.requires_grad_(True)
+    shift.requires_grad_(True)
+    f = lambda *args: multi_rate_conv2d(*args[:3], p.rates, args[3], args[4], relu=True)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w1, w3, scale, shift))
+
+
+def test_gradcheck_without_epilogue():
+    p = Problem(1, 2, 3, 4, 6, (2, 5))
+    x, w1, w3, _, _ = make_problem(p, torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: multi_rate_conv2d(*a, p.rates), (x, w1, w3))
+
+
+@pytest.mark.parametrize("epilogue", [False, True])
+def test_opcheck(device, epilogue):
+    p = Problem(2, 5, 3, 6, 7, (1, 4))
+    for name in _backends_for(device):
+        x, w1, w3, scale, shift = make_problem(p, torch.float32, device, epilogue=epilogue, requires_grad=True)
+        if epilogue:
+            scale.requires_grad_(True)
+            shift.requires_grad_(True)
+        args = (x, w1, w3, list(p.rates), scale, shift, epilogue, name)
+        torch.library.opcheck(torch.ops.resaspp_ops.multi_rate_conv2d.default, args)
+        grad = torch.randn(2, 9, 6, 7, device=device)
+        torch.library.opcheck(torch.ops.resaspp_ops.multi_rate_conv2d_backward.default,
+                              (grad, x.detach(), w1.detach(), w3.detach(), list(p.rates), True, True, name))
+
+
+def test_skipped_grads_are_not_computed():
+    p = Problem(1, 4, 2, 5, 5, (1,))
+    x, w1, w3, _, _ = make_problem(p)
+    w3.requires_grad_(True)
+    y = multi_rate_conv2d(x, w1, w3, p.rates)
+    (gw3,) = torch.autograd.grad(y.sum(), (w3,))
+    assert gw3.shape == w3.shape and x.grad is None
+
+
+def test_matches_separate_convs_exactly_in_float64():
+    p = Problem(2, 6, 4, 9, 7, (1, 2, 8))
+    x, w1, w3, _, _ = make_problem(p, torch.float64)
+    y = multi_rate_conv2d(x, w1, w3, p.rates)
+    ref = torch.cat([F.conv2d(x, w1)] + [F.conv2d(x, w3[i], padding=r, dilation=r) for i, r in enumerate(p.rates)], 1)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_autocast_cpu_bfloat16():
+    p = Problem(2, 8, 4, 6, 6, (1, 2))
+    x, w1, w3, _, _ = make_problem(p, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = multi_rate_conv2d(x, w1, w3, p.rates)
+        ref = F.conv2d(x, w1)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert w1.grad is not None and w1.grad.dtype == torch.float32
+
+
+def test_empty_batch_gives_empty_result_and_grads():
+    p = Problem(0, 4, 3, 5, 5, (1, 2))
+    x, w1, w3, _, _ = make_problem(p, requires_grad=True)
+    y = multi_rate_conv2d(x, w1, w3, p.rates)
+    assert y.shape == (0, 9, 5, 5)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(w1.grad, torch.zeros_like(w1))
+
+
+def test_backends_report():
+    report = resaspp_ops.backends("cpu")
+    assert set(report) == {"reference", "cuda", "triton"}
+    assert report["reference"].available
+    assert not report["cuda"].available and "CUDA" in report["cuda"].reason
+
+
+def test_auto_picks_reference_on_cpu():
+    assert backend_registry.resolve("auto", torch.device("cpu"), torch.float32) == "reference"
+
+
+def test_named_backend_that_cannot_run_raises():
+    p = Problem(1, 4, 2, 5, 5, (1,))
+    x, w1, w3, _, _ = make_problem(p)
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
+        multi_rate_conv2d(x, w1, w3, p.rates, backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        multi_rate_conv2d(x, w1, w3, p.rates, backend="cudnn")
+
+
+class TestBadInput:
+    p = Problem(2, 4, 3, 5, 5, (1, 2))
+
+    def inputs(self):
+        return make_problem(self.p)[:3]
+
+    def test_wrong_rank(self):
+        x, w1, w3 = self.inputs()
+        with pytest.raises(ValueError, match="4-D"):
+            multi_rate_conv2d(x[0], w1, w3, self.p.rates)
+
+    def test_channel_mismatch(self):
+        x, w1, w3 = self.inputs()
+        with pytest.raises(ValueError, match="channel mismatch: x has C=5"):
+            multi_rate_conv2d(torch.randn(2, 5, 5, 5), w1, w3, self.p.rates)
+
+    @pytest.mark.parametrize("rates", [(0, 2), (-1, 2), (1.5, 2), (True, 2), (), 3])
+    def test_bad_rates(self, rates):
+        x, w1, w3 = self.inputs()
+        with pytest.raises(ValueError, match="rates"):
+            multi_rate_conv2d(x, w1, w3, rates)
+
+    def test_rates_and_branches_disagree(self):
+        x, w1, w3 = self.inputs()
+        with pytest.raises(ValueError, match="2 atrous branches but 3 rates"):
+            multi_rate_conv2d(x, w1, w3, (1, 2, 3))
+
+    def test_weight_shapes(self):
+        x, w1, w3 = self.inputs()
+        with pytest.raises(ValueError, match=r"w1x1 must be \[Co, C, 1, 1\]"):
+            multi_rate_conv2d(x, w3[0], w3, self.p.rates)
+        with pytest.raises(ValueError, match=r"w3x3 must be \[B, Co, C, 3, 3\]"):
+            multi_rate_conv2d(x, w1, w3[0], self.p.rates)
+
+    def test_mixed_devices(self):
+        x, w1, w3 = self.inputs()
+        with pytest.raises(ValueError, match="w1x1 is on meta but x is on cpu"):
+            multi_rate_conv2d(x, w1.to("meta"), w3, self.p.rates)
+
+    def test_mixed_dtypes(self):
+        x, w1, w3 = self.inputs()
+        with pytest.raises(TypeError, match="w3x3 is torch.float64 but x is torch.float32"):
+            multi_rate_conv2d(x, w1, w3.double(), self.p.rates)
+
+    def test_integer_input(self):
+        x, w1, w3 = self.inputs()
+        with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
+            multi_rate_conv2d(x.long(), w1, w3, self.p.rates)
+
+    def test_epilogue_shape(self):
+        x, w1, w3 = self.inputs()
+        with pytest.raises(ValueError, match=r"scale must be \[\(1\+B\)\*Co\] = \[9\]"):
+            multi_rate_conv2d(x, w1, w3, self.p.rates, scale=torch.ones(3))
