@@ -4,10 +4,17 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resaspp_ops import backend as _backend
 from resaspp_ops.ops import check_rates, multi_rate_conv2d
+
+
+def _memory_format_of(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class FusedASPP(nn.Module):
@@ -123,6 +130,19 @@ class FusedASPP(nn.Module):
         else:
             fused = multi_rate_conv2d(x, w1x1, w3x3, self.rates, backend=self.backend)
             parts = [branch[2](branch[1](y)) for branch, y in zip(self.convs[:-1], fused.split(self.out_channels, 1))]
-        pooled = self.convs[-1](x)  # [N, Co, 1, 1]; torchvision upsamples it bilinearly, a broadcast
-        parts.append(pooled.expand(-1, -1, x.shape[2], x.shape[3]).to(parts[0].dtype))
-        return self.project(torch.cat(parts, dim=1))
+        branches = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        pooled = self.convs[-1](x).to(branches.dtype)  # [N, Co, 1, 1], constant over H x W
+        # Hand back x's memory format, as torchvision's ASPP does (the fused op works in channels_last).
+        projected = self._project_conv(branches, pooled).contiguous(memory_format=_memory_format_of(x))
+        return self.project[1:](projected)
+
+    def _project_conv(self, branches: Tensor, pooled: Tensor) -> Tensor:
+        """project[0] applied to cat(branches, pooled broadcast to H x W), without building the cat.
+
+        torchvision upsamples the pooled branch to H x W and concatenates; a 1x1 conv of a spatially
+        constant block is a per-image bias, so the concatenated tensor is never materialised.
+        """
+        weight = self.project[0].weight  # [Co, (2+B)*Co, 1, 1]
+        k = branches.shape[1]
+        bias = F.conv2d(pooled, weight[:, k:])  # [N, Co, 1, 1]
+        return F.conv2d(branches, weight[:, :k]) + bias
