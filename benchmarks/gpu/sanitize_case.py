@@ -1,0 +1,42 @@
+"""A small forward and backward through every GPU kernel path, for compute-sanitizer.
+
+    compute-sanitizer --tool memcheck  python benchmarks/gpu/sanitize_case.py
+    compute-sanitizer --tool racecheck python benchmarks/gpu/sanitize_case.py
+
+Exits non-zero if a backend that should run here cannot.
+"""
+import sys
+
+import torch
+
+import resaspp_ops
+from resaspp_ops import backend as backend_registry
+
+# Odd sizes on purpose: partial tiles, channel counts off the block sizes, rates past the map.
+PROBLEMS = [(2, 24, 16, 11, 13, (1, 3, 17)), (1, 64, 32, 9, 9, (2, 4, 6, 8))]
+
+
+def main() -> int:
+    device = torch.device("cuda")
+    failures = 0
+    for name in ("cuda", "triton"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            if not backend_registry.status(name, device, dtype).available:
+                print(f"skip {name} {dtype}: {backend_registry.status(name, device, dtype).reason}")
+                failures += name == "cuda"
+                continue
+            for n, c, co, h, w, rates in PROBLEMS:
+                x = torch.randn(n, c, h, w, device=device, dtype=dtype, requires_grad=True)
+                w1 = torch.randn(co, c, 1, 1, device=device, dtype=dtype, requires_grad=True)
+                w3 = torch.randn(len(rates), co, c, 3, 3, device=device, dtype=dtype, requires_grad=True)
+                scale = torch.rand((1 + len(rates)) * co, device=device)
+                shift = torch.randn((1 + len(rates)) * co, device=device)
+                y = resaspp_ops.multi_rate_conv2d(x, w1, w3, rates, scale, shift, relu=True, backend=name)
+                y.float().square().sum().backward()
+                torch.cuda.synchronize()
+                print(f"ok {name} {dtype} {(n, c, co, h, w, rates)}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
