@@ -83,10 +83,9 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _delegate(module: str):
-    def run(args) -> int:
-        return importlib.import_module(module).main(args.rest)
-    return run
+# Subcommands with parsers of their own: `main` hands them the rest of the command line untouched
+# (argparse.REMAINDER would refuse a first argument that starts with "--").
+DELEGATES = {"bench": "resaspp_ops.bench", "erf": "resaspp_ops.erf.cli"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,15 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rates)
     p = sub.add_parser("info", help="versions, the CUDA build and the available backends")
     p.set_defaults(func=cmd_info)
-    for name, module, text in (("bench", "resaspp_ops.bench", "the benchmark suite (resaspp bench --help)"),
-                               ("erf", "resaspp_ops.erf.cli", "effective receptive field (resaspp erf --help)")):
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_delegate(module))
+    sub.add_parser("bench", help="the benchmark suite (resaspp bench --help)")
+    sub.add_parser("erf", help="effective receptive field of a model (resaspp erf --help)")
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATES:
+        return importlib.import_module(DELEGATES[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
