@@ -1,0 +1,171 @@
+"""The implementations the suite times, per level, and why one cannot run here.
+
+Level "module" (the whole ASPP):
+    torchvision-eager      torchvision's ASPP, NCHW input and weights
+    torchvision-eager-cl   the same in channels_last
+    torchvision-compile    torch.compile(mode="max-autotune") of the channels_last module
+    fused-triton / fused-cuda / fused-auto   FusedASPP(backend=...), channels_last input
+
+Level "branches" (the 1x1 + B atrous convolutions alone, output [N, (1+B)*Co, H, W]):
+    conv2d-eager           1+B F.conv2d calls and the concat, NCHW (what torchvision's ASPP runs)
+    conv2d-eager-cl        the same in channels_last
+    conv2d-compile         torch.compile(mode="max-autotune") of the channels_last version
+    fused-triton / fused-cuda / fused-auto   multi_rate_conv2d(backend=...), channels_last input
+
+Fused providers get channels_last input, the kernels' native layout and the layout of the best
+baselines; a fused provider whose backend cannot run here is skipped with the backend's own reason,
+never replaced by another backend.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from resaspp_ops import backend as _backend
+from resaspp_ops.nn import FusedASPP
+from resaspp_ops.ops import multi_rate_conv2d
+
+LEVELS = ("module", "branches")
+BASELINES = {
+    "module": ("torchvision-eager", "torchvision-eager-cl", "torchvision-compile"),
+    "branches": ("conv2d-eager", "conv2d-eager-cl", "conv2d-compile"),
+}
+FUSED_BACKENDS = {"fused-triton": "triton", "fused-cuda": "cuda", "fused-auto": "auto"}
+# The baseline whose error against float64 is the yardstick of DESIGN.md section 5's rule.
+YARDSTICK = {"module": "torchvision-eager", "branches": "conv2d-eager"}
+ALL_PROVIDERS = tuple(dict.fromkeys(p for level in LEVELS for p in BASELINES[level] + tuple(FUSED_BACKENDS)))
+
+
+def providers_of(level: str) -> tuple[str, ...]:
+    return BASELINES[level] + tuple(FUSED_BACKENDS)
+
+
+def is_baseline(provider: str) -> bool:
+    return provider not in FUSED_BACKENDS
+
+
+def is_compiled(provider: str) -> bool:
+    return provider.endswith("-compile")
+
+
+def takes_channels_last(provider: str) -> bool:
+    return not provider.endswith("-eager")
+
+
+def skip_reason(provider: str, device: torch.device, dtype: torch.dtype, explicitly_requested: bool) -> Optional[str]:
+    """Why `provider` is not run for tensors of this device and dtype, or None if it runs."""
+    if is_compiled(provider) and device.type == "cpu" and not explicitly_requested:
+        return "torch.compile on the CPU is slow; ask for it with --providers"
+    backend = FUSED_BACKENDS.get(provider)
+    if backend is not None and backend != "auto":
+        available, reason = _backend.status(backend, device, dtype)
+        if not available:
+            return f"backend {backend!r} unavailable: {reason}"
+    return None
+
+
+def auto_note(device: torch.device, dtype: torch.dtype) -> str:
+    """Which concrete backend fused-auto runs, for the report."""
+    return f"auto -> {_backend.resolve('auto', device, dtype)}"
+
+
+class BranchConvs(nn.Module):
+    """The branch convolutions as a module: x [N, C, H, W] -> [N, (1+B)*Co, H, W].
+
+    impl "conv2d" runs 1+B F.conv2d calls and concatenates, with one 4-D weight [Co, C, 3, 3] per
+    atrous branch (so channels_last converts each); any other impl is a multi_rate_conv2d backend
+    name, with the op's stacked weight [B, Co, C, 3, 3]. w1x1: [Co, C, 1, 1].
+    """
+
+    def __init__(self, w1x1: Tensor, w3x3: Tensor, rates, impl: str) -> None:
+        super().__init__()
+        self.w1x1 = nn.Parameter(w1x1.detach().clone())
+        if impl == "conv2d":
+            self.w3x3 = nn.ParameterList([nn.Parameter(w.detach().clone()) for w in w3x3])
+        else:
+            self.w3x3 = nn.Parameter(w3x3.detach().clone())
+        self.rates = tuple(rates)
+        self.impl = impl
+
+    def stacked_w3x3(self) -> Tensor:
+        """[B, Co, C, 3, 3] whatever the impl."""
+        if isinstance(self.w3x3, nn.ParameterList):
+            return torch.stack(list(self.w3x3))
+        return self.w3x3
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.impl == "conv2d":
+            ys = [F.conv2d(x, self.w1x1)]
+            ys += [F.conv2d(x, w, padding=r, dilation=r) for w, r in zip(self.w3x3, self.rates)]
+            return torch.cat(ys, dim=1)
+        return multi_rate_conv2d(x, self.w1x1, self.w3x3, self.rates, backend=self.impl)
+
+
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """Converts the module's 4-D parameters and buffers to channels_last, leaving other ranks alone."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.dim() == 4:
+            t.data = t.data.contiguous(memory_format=torch.channels_last)
+    return module
+
+
+@dataclass
+class Runner:
+    """One provider, built for one case: `fn(x) -> out`, and the leaves whose grads a step clears."""
+
+    provider: str
+    fn: Callable[[Tensor], Tensor]
+    module: nn.Module
+    channels_last: bool
+    note: str = ""
+    params: list = field(default_factory=list)
+
+
+def _new_step_each_call(compiled: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """max-autotune replays CUDA graphs; each call is a new step, whose outputs may overwrite the last's
+    (every caller here is done with the previous outputs by then)."""
+    def call(x: Tensor) -> Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(x)
+    return call
+
+
+def set_dropout(module: nn.Module, enabled: bool) -> None:
+    """Dropout's mask is random: the correctness check runs with it off, timing with it as configured."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.train(enabled and module.training)
+
+
+def build(level: str, provider: str, source: nn.Module, rates, device: torch.device, train: bool) -> Runner:
+    """A Runner for `provider` from `source`, the case's weights already in the case's dtype (on the CPU).
+
+    source is a torchvision ASPP (level "module") or a BranchConvs with impl "conv2d" (level "branches").
+    """
+    backend = FUSED_BACKENDS.get(provider)
+    if level == "module":
+        if backend is None:
+            module = copy.deepcopy(source)
+        else:
+            module = FusedASPP(source.convs[0][0].in_channels, rates, source.convs[0][0].out_channels,
+                               backend=backend)
+            module.load_state_dict(source.state_dict())
+            module = module.to(next(source.parameters()).dtype)
+    else:
+        module = BranchConvs(source.w1x1, source.stacked_w3x3(), rates, "conv2d" if backend is None else backend)
+    channels_last = takes_channels_last(provider)
+    module = module.to(device)
+    if channels_last:
+        module = to_channels_last(module)
+    module.train(train)
+    fn = module
+    if is_compiled(provider):
+        torch._dynamo.reset()  # a fresh cache per case: never fall back to eager at the recompile limit
+        fn = _new_step_each_call(torch.compile(module, mode="max-autotune"))
+    note = auto_note(device, next(module.parameters()).dtype) if backend == "auto" else ""
+    return Runner(provider, fn, module, channels_last, note, list(module.parameters()))

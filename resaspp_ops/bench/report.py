@@ -1,0 +1,75 @@
+"""The run's outputs: the markdown table (stdout and .md), the JSON document and the plot."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from resaspp_ops.bench.environment import device_slug
+
+COLUMNS = ("level", "preset", "rates", "provider", "dtype", "mode", "median ms", "p20-p80 ms", "peak MiB",
+           "dense TFLOP/s", "useful TFLOP/s", "vs best baseline", "correct")
+
+
+def _num(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+
+
+def _table_row(row: dict) -> str:
+    timed = row["median_ms"] is not None
+    cells = [row["level"], row["preset"], ",".join(map(str, row["rates"])), row["provider"], row["dtype"],
+             row["mode"], _num(row["median_ms"]),
+             f"{_num(row['p20_ms'])}-{_num(row['p80_ms'])}" if timed else "-",
+             _num(row["peak_mem_mb"], 4), _num(row["tflops_dense"]), _num(row["tflops_useful"]),
+             f"{row['speedup_vs_best_baseline']:.2f}x" if row["speedup_vs_best_baseline"] is not None else "-",
+             "yes" if row["correct"] else "**NO**" if row["correct"] is False else "-"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(doc: dict) -> str:
+    """The report as markdown: a header with the run's metadata, the table, then skips and failures."""
+    meta, rows = doc["meta"], doc["rows"]
+    commit = (meta["commit"] or "unknown")[:12] + (" (dirty tree)" if meta.get("dirty") else "")
+    lines = [
+        f"## resaspp bench: {meta['device']}, {meta['date']}",
+        "",
+        f"Command: `{meta.get('command', '')}`  ",
+        f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, commit {commit}  ",
+        f"Ceiling: bf16 matmul {doc['ceiling']['bf16_matmul_tflops']:.3g} TFLOP/s, measured in this run. "
+        "TFLOP/s count 2 FLOPs per MAC; fwd+bwd counts 3x the forward's MACs. Useful = taps inside the image.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" for _ in COLUMNS) + "|",
+    ]
+    lines += [_table_row(r) for r in rows if r["correct"] is not None]
+    auto = sorted({f"{r['dtype']}: {r['note'].split(';')[0]}" for r in rows
+                   if r["provider"] == "fused-auto" and r["note"].startswith("auto ->")})
+    if auto:
+        lines += ["", "fused-auto ran " + ", ".join(auto) + "."]
+    skipped = Counter(f"{r['provider']}: {r['note'].removeprefix('skipped: ')}" for r in rows if r["correct"] is None)
+    if skipped:
+        lines += ["", "Skipped (provider: reason, number of cases):", ""]
+        lines += [f"- {what} ({count})" for what, count in skipped.items()]
+    failed = [r for r in rows if r["correct"] is False]
+    if failed:
+        lines += ["", "Wrong or failed (never timed):", ""]
+        lines += [f"- {r['level']} {r['preset']} r{','.join(map(str, r['rates']))} {r['provider']} {r['dtype']} "
+                  f"{r['mode']}: {r['note']}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def write_all(doc: dict, out_dir: Path, device: torch.device) -> tuple[str, list[Path]]:
+    """Writes <date>_<device>.json, .md and .png under out_dir; returns (the markdown, the paths)."""
+    from resaspp_ops.bench.plot import plot_speedups
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{doc['meta']['date'][:10]}_{device_slug(device)}"
+    table = markdown(doc)
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
+    paths[0].write_text(json.dumps(doc, indent=1) + "\n")
+    paths[1].write_text(table)
+    plot_speedups(doc, paths[2])
+    return table, paths

@@ -1,0 +1,128 @@
+"""What one benchmark case runs on: weights, rotated inputs, the output grad, the float64 reference."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from resaspp_ops.bench.presets import Preset
+from resaspp_ops.bench.providers import BranchConvs, set_dropout
+from resaspp_ops.flops import FWD_BWD_FACTOR, MacCount, branch_macs, module_macs
+
+MODES = ("fwd", "fwd+bwd")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row group of the report: every provider runs the same case."""
+
+    level: str
+    preset: Preset
+    rate_set: str
+    rates: tuple
+    dtype_name: str
+    mode: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    @property
+    def train(self) -> bool:
+        return self.mode == "fwd+bwd"
+
+    def macs(self) -> MacCount:
+        """MACs of one step: forward, times FWD_BWD_FACTOR with the backward."""
+        p = self.preset
+        count = (module_macs if self.level == "module" else branch_macs)(p.n, p.c, p.co, p.h, p.w, self.rates)
+        return count.scaled(FWD_BWD_FACTOR) if self.train else count
+
+    def label(self) -> str:
+        return f"{self.level} {self.preset.name} r{','.join(map(str, self.rates))} {self.dtype_name} {self.mode}"
+
+
+def make_source(case: Case, seed: int = 0) -> nn.Module:
+    """The case's weights on the CPU, rounded to its dtype: a torchvision ASPP or a conv2d BranchConvs.
+
+    BatchNorm statistics and affine parameters are randomised so that folding them is exercised.
+    """
+    from torchvision.models.segmentation.deeplabv3 import ASPP
+
+    p = case.preset
+    torch.manual_seed(seed)
+    if case.level == "module":
+        module = ASPP(p.c, case.rates, p.co)
+        with torch.no_grad():
+            for m in module.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.normal_(0, 0.1)
+                    m.running_var.uniform_(0.5, 1.5)
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0, 0.1)
+    else:
+        w1x1 = torch.randn(p.co, p.c, 1, 1) / p.c ** 0.5
+        w3x3 = torch.randn(len(case.rates), p.co, p.c, 3, 3) / (9 * p.c) ** 0.5
+        module = BranchConvs(w1x1, w3x3, case.rates, "conv2d")
+    return module.to(case.dtype)
+
+
+def make_inputs(case: Case, device: torch.device, count: int, seed: int = 1) -> list[Tensor]:
+    """`count` distinct inputs x [N, C, H, W] (NCHW) in the case's dtype, rotated through while timing."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    xs = [torch.randn(case.preset.shape(), generator=g, device=device, dtype=case.dtype) for _ in range(count)]
+    for x in xs:
+        x.requires_grad_(case.train)
+    return xs
+
+
+def output_shape(case: Case) -> tuple[int, int, int, int]:
+    """[N, Co, H, W] for the module, [N, (1+B)*Co, H, W] for the branches."""
+    p = case.preset
+    channels = p.co if case.level == "module" else (1 + len(case.rates)) * p.co
+    return (p.n, channels, p.h, p.w)
+
+
+def make_output_grad(case: Case, device: torch.device, seed: int = 2) -> Tensor:
+    """The grad of the scalar loss sum(out * g): a fixed random g [output_shape] in the case's dtype, NCHW."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(output_shape(case), generator=g, device=device, dtype=case.dtype)
+
+
+def laid_out_like(grad: Tensor, out: Tensor) -> Tensor:
+    """grad in out's dtype and memory format, as a loss computed from out would hand it back."""
+    channels_last = out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    return grad.to(dtype=out.dtype).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@dataclass
+class Result:
+    """A provider's output and (fwd+bwd) input grad on one input, detached."""
+
+    out: Tensor
+    grad_x: Tensor | None
+
+
+def run_once(fn, module: nn.Module, x: Tensor, grad_out: Tensor | None, train: bool) -> Result:
+    """One check step with dropout off: forward (and backward of sum(out * grad_out) in train mode)."""
+    set_dropout(module, False)
+    try:
+        x = x.detach().requires_grad_(train)
+        if not train:
+            with torch.no_grad():
+                return Result(fn(x).detach().clone(), None)
+        out = fn(x)
+        out.backward(laid_out_like(grad_out, out))
+        return Result(out.detach().clone(), x.grad.detach().clone())
+    finally:
+        set_dropout(module, True)
+
+
+def float64_reference(case: Case, source: nn.Module, x: Tensor, grad_out: Tensor | None, device) -> Result:
+    """The ground truth: the case's source module and input (already rounded to its dtype) in float64."""
+    module = copy.deepcopy(source).to(device=device, dtype=torch.float64).train(case.train)
+    g64 = None if grad_out is None else grad_out.to(torch.float64)
+    return run_once(module, module, x.detach().to(torch.float64), g64, case.train)

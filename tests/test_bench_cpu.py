@@ -1,0 +1,107 @@
+"""The benchmark suite's CPU mode, as CI runs it: a smoke test of the whole pipeline, not a measurement."""
+import json
+
+import pytest
+
+from resaspp_ops.bench import main as bench_main
+
+SCHEMA_META = {"device", "torch", "triton", "cuda", "commit", "date"}
+SCHEMA_ROW = {"level", "preset", "rates", "provider", "dtype", "mode", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb",
+              "tflops_dense", "tflops_useful", "speedup_vs_best_baseline", "correct"}
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("bench")
+    status = bench_main(["--device", "cpu", "--quick", "--presets", "unet-stare,voc-os16",
+                       "--time-budget", "25", "--out-dir", str(out_dir)])
+    return status, out_dir
+
+
+def test_writes_the_three_files(cpu_run):
+    status, out_dir = cpu_run
+    assert status == 0
+    stems = {p.stem for p in out_dir.iterdir()}
+    assert len(stems) == 1, stems
+    stem = stems.pop()
+    assert stem.endswith("_cpu")
+    for suffix in (".json", ".md", ".png"):
+        assert (out_dir / (stem + suffix)).stat().st_size > 0
+    assert (out_dir / (stem + ".png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_json_follows_the_schema(cpu_run):
+    _, out_dir = cpu_run
+    doc = json.loads(next(out_dir.glob("*.json")).read_text())
+    assert {"meta", "ceiling", "rows"} <= set(doc)
+    assert SCHEMA_META <= set(doc["meta"])
+    assert doc["ceiling"]["bf16_matmul_tflops"] > 0
+    rows = doc["rows"]
+    assert rows
+    for row in rows:
+        assert SCHEMA_ROW <= set(row), SCHEMA_ROW - set(row)
+        assert row["dtype"] == "float32" and row["mode"] in ("fwd", "fwd+bwd")
+        assert row["level"] in ("module", "branches")
+        assert isinstance(row["rates"], list)
+        if row["correct"] is None:   # skipped: says why, and carries no numbers
+            assert row["note"].startswith("skipped: ") and row["median_ms"] is None
+            continue
+        assert row["correct"] is True, row
+        assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        assert row["tflops_useful"] <= row["tflops_dense"]
+        assert row["speedup_vs_best_baseline"] > 0
+        assert row["peak_mem_mb"] is None   # no allocator statistics on the CPU
+
+
+def test_cpu_providers_ran_and_gpu_ones_were_skipped_with_a_reason(cpu_run):
+    _, out_dir = cpu_run
+    rows = json.loads(next(out_dir.glob("*.json")).read_text())["rows"]
+    timed = {(r["level"], r["provider"]) for r in rows if r["median_ms"] is not None}
+    # The first case of each level runs before any budget can run out.
+    for level, baseline in (("module", "torchvision-eager"), ("branches", "conv2d-eager")):
+        assert (level, baseline) in timed and (level, "fused-auto") in timed
+    for row in rows:
+        if row["provider"] == "fused-cuda":
+            assert row["correct"] is None and "backend 'cuda' unavailable" in row["note"]
+        if row["provider"].endswith("-compile"):
+            assert row["correct"] is None and "--providers" in row["note"]
+        if row["provider"] == "fused-auto" and row["correct"]:
+            assert "auto -> reference" in row["note"]
+
+
+def test_markdown_file_has_the_table(cpu_run):
+    _, out_dir = cpu_run
+    text = next(out_dir.glob("*.md")).read_text()
+    assert "| level | preset | rates | provider |" in text and "fused-auto" in text
+
+
+def test_resaspp_bench_delegates_and_rejects_an_unknown_preset(capsys):
+    from resaspp_ops.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as info:
+        cli_main(["bench", "--device", "cpu", "--presets", "no-such-preset"])
+    assert info.value.code == 2
+    assert "voc-os16" in capsys.readouterr().err   # the message lists the presets there are
+
+
+def test_a_wrong_result_is_reported_and_never_timed(tmp_path, monkeypatch):
+    from resaspp_ops.bench import suite
+
+    real_build = suite.build
+
+    def build_with_a_broken_fused_op(level, provider, *args, **kwargs):
+        runner = real_build(level, provider, *args, **kwargs)
+        if provider == "fused-auto":
+            right = runner.fn
+            runner.fn = lambda x: right(x) * 1.01   # 1% off: far outside the fp32 bound
+        return runner
+
+    monkeypatch.setattr(suite, "build", build_with_a_broken_fused_op)
+    status = bench_main(["--device", "cpu", "--quick", "--presets", "unet-stare", "--levels", "branches",
+                         "--modes", "fwd", "--out-dir", str(tmp_path)])
+    assert status == 1
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    fused = [r for r in rows if r["provider"] == "fused-auto"]
+    assert fused and all(r["correct"] is False and r["median_ms"] is None for r in fused)
+    assert "out err" in fused[0]["note"]
+    assert any(r["provider"] == "conv2d-eager" and r["correct"] for r in rows)
