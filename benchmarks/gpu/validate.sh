@@ -7,12 +7,15 @@
 #   bash benchmarks/gpu/validate.sh bench [ARGS]  the benchmark suite (ARGS go to `resaspp bench`)
 #   bash benchmarks/gpu/validate.sh check        ../shared/tools/aspp_gpu_check.py (carried as .gpu_tools/)
 #
+# The device machine gets a copy of the tree without .git: name the measured commit with
+# RESASPP_BENCH_COMMIT=$(git rev-parse HEAD) in the device command (the suite records it).
 # Before `check`, on the workstation: mkdir -p .gpu_tools && cp ../shared/tools/aspp_gpu_check.py .gpu_tools/
 # and pass carry=[".gpu_tools"] to the device call.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export RESASPP_BENCH_COMMIT=${RESASPP_BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 summary="$OUT/summary.txt"
 step() {  # step NAME LOGFILE CMD...: runs CMD, logs its output, records the exit status and time
   local name=$1 log=$2; shift 2
@@ -32,7 +35,7 @@ ensure_built() {
 case "${1:-}" in
   build-test)
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-    git rev-parse HEAD > "$OUT/commit.txt" 2>/dev/null
+    echo "$RESASPP_BENCH_COMMIT" > "$OUT/commit.txt"
     ensure_built || exit 1
     python -m resaspp_ops.cli info > "$OUT/info.txt" 2>&1
     step pytest-cuda pytest_cuda.log python -m pytest tests -m cuda -q -p no:cacheprovider -rs
