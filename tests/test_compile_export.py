@@ -62,3 +62,12 @@ def test_revert_is_the_portable_export_path():
     program = torch.export.export(model, (x,))
     assert not any("resaspp_ops" in str(node.target) for node in program.graph.nodes)
     torch.testing.assert_close(program.module()(x), model(x))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_compile_fullgraph_with_a_named_backend(backend):
+    from resaspp_ops import multi_rate_conv2d
+
+    x, w1, w3 = torch.randn(2, 6, 7, 9), torch.randn(4, 6, 1, 1), torch.randn(2, 4, 6, 3, 3)
+    f = torch.compile(lambda *a: multi_rate_conv2d(*a, (1, 3), backend=backend), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(x, w1, w3), multi_rate_conv2d(x, w1, w3, (1, 3)))

@@ -43,6 +43,9 @@ def status(name: str, device: torch.device | str, dtype: torch.dtype = torch.flo
     return BackendStatus(bool(ok), reason)
 
 
+# A trace-time constant under torch.compile: the backend is fixed when the graph is captured,
+# and the module lookup (importlib) stays out of the graph.
+@torch.compiler.assume_constant_result
 def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend that runs tensors of this device and dtype.
 
