@@ -1,5 +1,7 @@
 // Python bindings of resaspp_ops._C. The op's schema, fake kernel and autograd live in
 // resaspp_ops/ops.py; this module exposes the CUDA kernels it calls.
+#include <torch/extension.h>
+
 #include "multi_rate_conv2d.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

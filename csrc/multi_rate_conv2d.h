@@ -12,25 +12,15 @@
 // zero padding are skipped (no loads, no FMAs).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+
+#include "tap_table.h"
 
 #include <optional>
 #include <string>
 #include <vector>
 
 namespace resaspp {
-
-// Largest number of atrous branches a launch supports (tap table size is static).
-constexpr int kMaxBranches = 16;
-constexpr int kMaxTaps = 1 + 9 * kMaxBranches;
-
-// Tap table, passed by value as a kernel argument.
-struct TapTable {
-  int num_taps;
-  int branch[kMaxTaps];  // output branch (forward) or input branch (dgrad) of tap t
-  int dy[kMaxTaps];      // row offset of the input read, in pixels
-  int dx[kMaxTaps];      // column offset of the input read, in pixels
-};
 
 // Forward: returns out [N, (1+B)*Co, H, W] channels_last.
 // scale/shift: optional [(1+B)*Co] per-channel epilogue, then ReLU if relu.

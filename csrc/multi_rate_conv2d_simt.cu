@@ -1,4 +1,6 @@
-// SIMT kernels for the fused multi-rate convolution: forward, dgrad and wgrad.
+// SIMT kernels for the fused multi-rate convolution: forward, dgrad and wgrad, and the host
+// entry points, which route fp16/bf16 to the tensor-core kernels (multi_rate_conv2d_tc.h) when
+// tc::tensor_cores_apply() allows it.
 //
 // Straightforward and exact (fp32 FMAs for fp16/bf16/fp32, fp64 for fp64): the
 // correctness baseline that the tensor-core kernels are checked against on the
@@ -10,8 +12,13 @@
 // Includes only c10/cuda headers: ATen/cuda/CUDAContext.h pulls cusparse.h,
 // which a CUDA toolkit without the math libraries lacks.
 #include "multi_rate_conv2d.h"
+#include "multi_rate_conv2d_tc.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -270,6 +277,13 @@ at::Tensor pack_weights(const at::Tensor& w1x1, const at::Tensor& w3x3, bool tra
 
 int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
+// The tensor-core kernels copy 16-byte vectors: a view whose data starts off a 16-byte boundary
+// (a channel slice, say) is copied once into fresh, aligned memory.
+at::Tensor aligned16(const at::Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0) return t;
+  return t.clone(at::MemoryFormat::ChannelsLast);
+}
+
 }  // namespace
 
 at::Tensor multi_rate_conv2d_forward_cuda(const at::Tensor& x_in, const at::Tensor& w1x1,
@@ -295,6 +309,10 @@ at::Tensor multi_rate_conv2d_forward_cuda(const at::Tensor& x_in, const at::Tens
   const at::Tensor shift_c = epilogue_param(shift, "shift");
   const at::Tensor wpk = pack_weights(w1x1, w3x3, /*transpose=*/false);
   const TapTable taps = make_tap_table(rates, +1);
+  if (tc::tensor_cores_apply(x, C, Co)) {
+    tc::forward(aligned16(x), wpk, out, scale_c, shift_c, relu, taps, static_cast<int>(1 + B));
+    return out;
+  }
 
   const int tiles_w = ceil_div(W, kTileW);
   const int tiles_per_image = ceil_div(H, kTileH) * tiles_w;
@@ -333,6 +351,7 @@ std::vector<at::Tensor> multi_rate_conv2d_backward_cuda(const at::Tensor& grad_i
   const at::Tensor grad = grad_in.contiguous(at::MemoryFormat::ChannelsLast);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::ScalarType acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const bool use_tc = tc::tensor_cores_apply(x, C, Co);
 
   at::Tensor grad_x, grad_w1x1, grad_w3x3;
   if (need_x) {
@@ -340,26 +359,32 @@ std::vector<at::Tensor> multi_rate_conv2d_backward_cuda(const at::Tensor& grad_i
     if (grad_x.numel() > 0) {
       const at::Tensor wpk_t = pack_weights(w1x1, w3x3, /*transpose=*/true);
       const TapTable taps = make_tap_table(rates, -1);
-      const int tiles_w = ceil_div(W, kTileW);
-      const int tiles_per_image = ceil_div(H, kTileH) * tiles_w;
-      const int64_t grid_x = N * tiles_per_image;
-      TORCH_CHECK(grid_x <= std::numeric_limits<int>::max(), "resaspp_ops._C: too many input tiles");
-      const dim3 grid(static_cast<unsigned>(grid_x), ceil_div(C, kBlockM));
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_rate_conv2d_dgrad", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        multi_tap_conv_kernel<scalar_t, acc_t, true><<<grid, kThreads, 0, stream>>>(
-            grad.const_data_ptr<scalar_t>(), wpk_t.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
-            nullptr, nullptr, false, taps, static_cast<int>(H), static_cast<int>(W), static_cast<int>(Co),
-            static_cast<int>(C), tiles_w, tiles_per_image, /*in_cstride=*/Ct, /*in_branch_off=*/Co,
-            /*out_cstride=*/C, /*out_branch_off=*/0);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      if (use_tc) {
+        tc::dgrad(aligned16(grad), wpk_t, grad_x, taps);
+      } else {
+        const int tiles_w = ceil_div(W, kTileW);
+        const int tiles_per_image = ceil_div(H, kTileH) * tiles_w;
+        const int64_t grid_x = N * tiles_per_image;
+        TORCH_CHECK(grid_x <= std::numeric_limits<int>::max(), "resaspp_ops._C: too many input tiles");
+        const dim3 grid(static_cast<unsigned>(grid_x), ceil_div(C, kBlockM));
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_rate_conv2d_dgrad", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          multi_tap_conv_kernel<scalar_t, acc_t, true><<<grid, kThreads, 0, stream>>>(
+              grad.const_data_ptr<scalar_t>(), wpk_t.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
+              nullptr, nullptr, false, taps, static_cast<int>(H), static_cast<int>(W), static_cast<int>(Co),
+              static_cast<int>(C), tiles_w, tiles_per_image, /*in_cstride=*/Ct, /*in_branch_off=*/Co,
+              /*out_cstride=*/C, /*out_branch_off=*/0);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      }
     }
   }
   if (need_w) {
     const TapTable taps = make_tap_table(rates, +1);
     at::Tensor dw = at::zeros({taps.num_taps, Co, C}, x.options().dtype(acc_type));
-    if (dw.numel() > 0 && N > 0 && H > 0 && W > 0) {
+    if (dw.numel() > 0 && N > 0 && H > 0 && W > 0 && use_tc) {
+      tc::wgrad(aligned16(grad), aligned16(x), dw, taps);
+    } else if (dw.numel() > 0 && N > 0 && H > 0 && W > 0) {
       const dim3 grid(ceil_div(C, kBlockM), ceil_div(Co, kBlockM), taps.num_taps);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_rate_conv2d_wgrad", [&] {
         using acc_t = at::opmath_type<scalar_t>;

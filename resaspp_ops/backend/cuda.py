@@ -1,4 +1,11 @@
-"""CUDA C++ backend: the kernels of csrc/, compiled into resaspp_ops._C by setup.py."""
+"""CUDA C++ backend: the kernels of csrc/, compiled into resaspp_ops._C by setup.py.
+
+Which kernels run is decided in C++ at every call (csrc/multi_rate_conv2d_tc_conv.cu,
+tensor_cores_apply): the tensor-core kernels for float16/bfloat16 when C and Co are multiples of 8
+on an sm_80 or newer GPU, the SIMT kernels otherwise (float32, float64, other shapes). The
+environment variable RESASPP_CUDA_KERNEL picks a path: "auto" (default), "simt" (always SIMT, for
+debugging and comparison) or "tc" (tensor cores, an error where they do not apply).
+"""
 from __future__ import annotations
 
 import functools
@@ -32,7 +39,7 @@ def availability(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
         return False, "no CUDA device is visible"
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return False, f"{dtype} is not supported"
-    return True, "resaspp_ops._C kernels"
+    return True, "resaspp_ops._C kernels (tensor cores for fp16/bf16 with C, Co % 8 == 0 on sm_80+; SIMT otherwise)"
 
 
 def forward(x, w1x1, w3x3, rates, scale, shift, relu):
