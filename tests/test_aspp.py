@@ -224,3 +224,18 @@ def test_converted_module_uses_requested_backend():
 def test_public_api():
     for name in resaspp_ops.__all__:
         assert hasattr(resaspp_ops, name), name
+
+
+def test_inference_weight_cache_follows_weight_updates():
+    """The no-grad stack of the atrous weights is rebuilt when a weight changes in place."""
+    tv, fused = twin_modules()
+    tv.eval()
+    fused.eval()
+    x = torch.randn(2, 12, 7, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(fused(x), tv(x)) < 1e-10
+        for m in (tv, fused):
+            m.convs[2][0].weight.mul_(-2.0)  # an optimizer step or load_state_dict does the same
+        assert rel_err(fused(x), tv(x)) < 1e-10
+        fused.load_state_dict(tv.state_dict())
+        assert rel_err(fused(x), tv(x)) < 1e-10

@@ -36,18 +36,21 @@ def apply_epilogue(y: torch.Tensor, scale, shift, relu: bool) -> torch.Tensor:
 
 def forward(x, w1x1, w3x3, rates, scale, shift, relu):
     x = x.contiguous(memory_format=torch.channels_last)
-    if scale is not None and x.dtype in (torch.float32, torch.float64):
-        # Fold the epilogue into the convolutions (scaled weights, shift as bias): one pass over the
-        # output instead of three. Only where the weights keep the epilogue's precision.
+    ys = branch_convs(x, w1x1, w3x3, rates)
+    if x.dtype in (torch.float32, torch.float64) and (scale is not None or shift is not None or relu):
+        # The epilogue in place on each branch's output, in one or two passes: the outputs are small
+        # next to the weights at ASPP's shapes, so this beats folding scale into the weights.
         co = w1x1.shape[0]
-        s = scale.to(x.dtype).view(-1, co, 1, 1, 1)
-        b = (shift if shift is not None else torch.zeros_like(scale)).to(x.dtype).view(-1, co)
-        ys = [F.conv2d(x, w1x1 * s[0], b[0])]
-        ys += [F.conv2d(x, w3x3[i] * s[i + 1], b[i + 1], padding=r, dilation=r) for i, r in enumerate(rates)]
-        if relu:
-            ys = [y.relu_() for y in ys]
+        for i, y in enumerate(ys):
+            channels = slice(i * co, (i + 1) * co)
+            if scale is not None:
+                y.mul_(scale[channels].to(y.dtype).view(1, -1, 1, 1))
+            if shift is not None:
+                y.add_(shift[channels].to(y.dtype).view(1, -1, 1, 1))
+            if relu:
+                y.relu_()
         return torch.cat(ys, dim=1).contiguous(memory_format=torch.channels_last)
-    y = torch.cat(branch_convs(x, w1x1, w3x3, rates), dim=1).contiguous(memory_format=torch.channels_last)
+    y = torch.cat(ys, dim=1).contiguous(memory_format=torch.channels_last)
     return apply_epilogue(y, scale, shift, relu)
 
 

@@ -48,6 +48,7 @@ class FusedASPP(nn.Module):
         if backend != "auto":
             _backend.get(backend)  # ValueError for an unknown name
         self.backend = backend
+        self._w3x3_cache = None  # (weights' identity and versions, stacked weights); see _branch_weights
         modules = [nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
                                  nn.BatchNorm2d(out_channels), nn.ReLU())]
         for rate in rates:
@@ -85,9 +86,22 @@ class FusedASPP(nn.Module):
         return f"in_channels={self.in_channels}, rates={self.rates}, out_channels={self.out_channels}, backend={self.backend!r}"
 
     def _branch_weights(self) -> tuple[Tensor, Tensor]:
+        """w1x1 [Co, C, 1, 1] and the atrous weights stacked into [B, Co, C, 3, 3].
+
+        Without autograd the stack is cached until a weight changes (its version counter moves):
+        at C=2048 it is a copy of tens of megabytes that inference would otherwise redo every call.
+        """
         w1x1 = self.convs[0][0].weight
-        w3x3 = torch.stack([branch[0].weight for branch in self.convs[1:-1]])
-        return w1x1, w3x3
+        weights = [branch[0].weight for branch in self.convs[1:-1]]
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
+            return w1x1, torch.stack(weights)
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+        if self._w3x3_cache is None or self._w3x3_cache[0] != key:
+            # Each branch's [Co, C, 3, 3] slice laid out channels_last, the layout the kernels and
+            # oneDNN's NHWC convolutions read, so no backend re-lays it out on every call.
+            stacked = torch.stack([w.detach().permute(0, 2, 3, 1) for w in weights]).permute(0, 1, 4, 2, 3)
+            self._w3x3_cache = (key, stacked)
+        return w1x1, self._w3x3_cache[1]
 
     def _folded_epilogue(self) -> tuple[Tensor, Tensor]:
         """Per-channel scale and shift [(1+B)*Co] of the branch BatchNorms in eval mode (differentiable)."""
