@@ -24,6 +24,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <limits>
 
 namespace resaspp {
@@ -93,7 +94,7 @@ __global__ void __launch_bounds__(kThreads) multi_tap_conv_kernel(
         acc_t v = acc[i][j];
         if (scale != nullptr) v *= scale[c_out];
         if (shift != nullptr) v += shift[c_out];
-        if (relu) v = v > acc_t(0) ? v : acc_t(0);
+        if (relu) v = v < acc_t(0) ? acc_t(0) : v;  // NaN stays NaN, as in torch.relu
         out_px[m] = static_cast<scalar_t>(v);
       }
     }
@@ -223,19 +224,25 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(
 
 // Taps in branch order: t = 0 is the 1x1; t = 1 + 9b + 3ky + kx is branch b+1 at (ky, kx).
 // sign = +1 for the forward and wgrad (read x at p + d), -1 for dgrad (read grad at p - d).
+// A rate is clamped to kMaxRate before the int conversion: check_inputs keeps H and W below it, so
+// a clamped rate still puts every off-centre tap wholly in padding (the same result), and the kernels'
+// h + dy sums stay far from int overflow (a rate of 2^32 + 1 would otherwise wrap to 1).
+constexpr int64_t kMaxRate = int64_t{1} << 29;
 TapTable make_tap_table(const std::vector<int64_t>& rates, int sign) {
   TapTable taps{};
   taps.num_taps = 1 + 9 * static_cast<int>(rates.size());
   taps.branch[0] = 0;
   taps.dy[0] = taps.dx[0] = 0;
-  for (size_t b = 0; b < rates.size(); ++b)
+  for (size_t b = 0; b < rates.size(); ++b) {
+    const int r = static_cast<int>(std::min(rates[b], kMaxRate));
     for (int ky = 0; ky < 3; ++ky)
       for (int kx = 0; kx < 3; ++kx) {
         const int t = 1 + 9 * static_cast<int>(b) + 3 * ky + kx;
         taps.branch[t] = static_cast<int>(b) + 1;
-        taps.dy[t] = sign * (ky - 1) * static_cast<int>(rates[b]);
-        taps.dx[t] = sign * (kx - 1) * static_cast<int>(rates[b]);
+        taps.dy[t] = sign * (ky - 1) * r;
+        taps.dx[t] = sign * (kx - 1) * r;
       }
+  }
   return taps;
 }
 
@@ -259,8 +266,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w1x1, const at::Tensor&
               "resaspp_ops._C: x, w1x1 and w3x3 must share a dtype");
   TORCH_CHECK(w1x1.device() == x.device() && w3x3.device() == x.device(),
               "resaspp_ops._C: x, w1x1 and w3x3 must be on the same device");
-  TORCH_CHECK(x.size(2) <= std::numeric_limits<int>::max() / 4 && x.size(3) <= std::numeric_limits<int>::max() / 4,
-              "resaspp_ops._C: spatial size too large");
+  TORCH_CHECK(x.size(2) < kMaxRate && x.size(3) < kMaxRate, "resaspp_ops._C: spatial size too large (at most ",
+              kMaxRate - 1, ")");
 }
 
 // Packed weights [T, K, M]: forward maps C -> Co per tap, dgrad maps Co -> C (the transpose).
@@ -318,6 +325,7 @@ at::Tensor multi_rate_conv2d_forward_cuda(const at::Tensor& x_in, const at::Tens
   const int tiles_per_image = ceil_div(H, kTileH) * tiles_w;
   const int64_t grid_x = N * tiles_per_image;
   TORCH_CHECK(grid_x <= std::numeric_limits<int>::max(), "resaspp_ops._C: too many output tiles");
+  TORCH_CHECK(ceil_div(Co, kBlockM) <= 65535, "resaspp_ops._C: too many output channels (", Co, ")");
   const dim3 grid(static_cast<unsigned>(grid_x), ceil_div(Co, kBlockM));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -366,6 +374,7 @@ std::vector<at::Tensor> multi_rate_conv2d_backward_cuda(const at::Tensor& grad_i
         const int tiles_per_image = ceil_div(H, kTileH) * tiles_w;
         const int64_t grid_x = N * tiles_per_image;
         TORCH_CHECK(grid_x <= std::numeric_limits<int>::max(), "resaspp_ops._C: too many input tiles");
+        TORCH_CHECK(ceil_div(C, kBlockM) <= 65535, "resaspp_ops._C: too many input channels (", C, ")");
         const dim3 grid(static_cast<unsigned>(grid_x), ceil_div(C, kBlockM));
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_rate_conv2d_dgrad", [&] {
           using acc_t = at::opmath_type<scalar_t>;
@@ -385,6 +394,7 @@ std::vector<at::Tensor> multi_rate_conv2d_backward_cuda(const at::Tensor& grad_i
     if (dw.numel() > 0 && N > 0 && H > 0 && W > 0 && use_tc) {
       tc::wgrad(aligned16(grad), aligned16(x), dw, taps);
     } else if (dw.numel() > 0 && N > 0 && H > 0 && W > 0) {
+      TORCH_CHECK(ceil_div(Co, kBlockM) <= 65535, "resaspp_ops._C: too many output channels (", Co, ")");
       const dim3 grid(ceil_div(C, kBlockM), ceil_div(Co, kBlockM), taps.num_taps);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_rate_conv2d_wgrad", [&] {
         using acc_t = at::opmath_type<scalar_t>;

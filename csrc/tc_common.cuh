@@ -280,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, 1) multi_tap_tc_kernel(
             float val = sc[p * kLdC + mv * kVec + q];
             if (scale != nullptr) val *= scale[c_base + m + q];
             if (shift != nullptr) val += shift[c_base + m + q];
-            if (relu) val = val > 0.0f ? val : 0.0f;
+            if (relu) val = val < 0.0f ? 0.0f : val;  // NaN stays NaN, as in torch.relu
             vals[q] = from_float<T>(val);
           }
           *reinterpret_cast<uint4*>(out + ((n * H + h) * W + w) * out_cstride + c_base + m) =

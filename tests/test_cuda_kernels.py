@@ -138,6 +138,8 @@ TC_SHAPES = [
     Problem(1, 16, 8, 3, 150, (2, 40)),
     Problem(1, 8, 8, 6, 7, tuple(range(1, 17))),  # 16 rates: 17 branches in 5 groups
     Problem(0, 16, 8, 6, 6, (1, 2)),
+    Problem(1, 264, 136, 6, 9, (1, 3)),  # several C and Co blocks at once (wgrad: 3 x 3), both with tails
+    Problem(37, 8, 8, 2, 3, (1,)),  # wgrad: many images per 32-pixel step (the pixel cursor wraps images)
 ]
 # Shapes they do not take (C or Co not a multiple of 8): these run the SIMT kernels in every dtype.
 FALLBACK_SHAPES = [p for p in AWKWARD if p.c % 8 or p.co % 8]
@@ -257,6 +259,17 @@ def test_misaligned_input(gpu_device, kernel_env, dtype):
     y = multi_rate_conv2d(x_off, w1, w3, p.rates, backend="cuda")
     ref = float64_reference(x, w1, w3, p.rates)
     assert_error_rule(y, ref, pytorch_same_dtype(x, w1, w3, p.rates), floor=1e-3, what="misaligned x")
+    # Backward with a misaligned x and a misaligned grad: the same kernels on aligned copies, so bitwise equal.
+    ct = (1 + len(p.rates)) * p.co
+    g = torch.randn((p.n, ct, p.h, p.w), device=gpu_device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    gbuf = torch.empty(g.numel() + 4, dtype=dtype, device=gpu_device)[4:]
+    g_off = gbuf.view(p.n, p.h, p.w, ct).permute(0, 3, 1, 2)
+    g_off.copy_(g)
+    assert g_off.is_contiguous(memory_format=torch.channels_last) and g_off.data_ptr() % 16 != 0
+    want = resaspp_ops._C.backward(g, x.contiguous(memory_format=torch.channels_last), w1, w3, list(p.rates), True, True)
+    got = resaspp_ops._C.backward(g_off, x_off, w1, w3, list(p.rates), True, True)
+    for what, a, b in zip(("grad_x", "grad_w1x1", "grad_w3x3"), got, want):
+        assert torch.equal(a, b), f"misaligned backward: {what} differs"
 
 
 @pytest.mark.cuda
@@ -297,3 +310,77 @@ def test_tc_matches_simt(gpu_device, kernel_env, dtype):
         outs.append(resaspp_ops._C.forward(x, w1, w3, list(p.rates), scale, shift, True).float())
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(outs[0], outs[1], rtol=2 * eps, atol=2 * eps * float(outs[1].abs().max()))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["tc", "simt"])
+def test_rate_past_int32_is_not_wrapped(gpu_device, kernel_env, kernel):
+    """A rate past 2^31 behaves like any rate past the map (every off-centre tap is padding); it
+    must not wrap around in the int tap table (2^32 + 1 would become rate 1)."""
+    if kernel == "tc":
+        _needs_sm80(gpu_device)
+    kernel_env(kernel)
+    p = Problem(2, 16, 8, 7, 9, (2, 2**32 + 1))
+    x, w1, w3, scale, shift = make_problem(p, torch.float16, gpu_device, channels_last=True, epilogue=True, seed=7)
+    g = torch.randn((p.n, 3 * p.co, p.h, p.w), device=gpu_device, dtype=torch.float16)
+    huge, past = [2, 2**32 + 1], [2, 1000]
+    y_huge = resaspp_ops._C.forward(x, w1, w3, huge, scale, shift, True)
+    y_past = resaspp_ops._C.forward(x, w1, w3, past, scale, shift, True)
+    assert torch.equal(y_huge, y_past)
+    for a, b in zip(resaspp_ops._C.backward(g, x, w1, w3, huge, True, True),
+                    resaspp_ops._C.backward(g, x, w1, w3, past, True, True)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["tc", "simt"])
+def test_relu_propagates_nan(gpu_device, kernel_env, kernel):
+    """The fused ReLU keeps NaN like torch.relu (a NaN must not turn into 0)."""
+    if kernel == "tc":
+        _needs_sm80(gpu_device)
+    kernel_env(kernel)
+    p = Problem(1, 16, 8, 5, 6, (1, 2))
+    x, w1, w3, _, _ = make_problem(p, torch.float16, gpu_device, channels_last=True, seed=8)
+    x[0, 3, 2, 4] = float("nan")
+    y = resaspp_ops._C.forward(x, w1, w3, list(p.rates), None, None, True)
+    ref = float64_reference(x, w1, w3, p.rates, None, None, True)
+    assert torch.equal(torch.isnan(y).cpu(), torch.isnan(ref).cpu())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["tc", "simt"])
+def test_side_stream_and_other_device(gpu_device, kernel_env, kernel):
+    """The kernels run on the current stream of the tensors' device (not the default stream, not the
+    current device): same bits on a side stream and, with two GPUs, on the other one."""
+    if kernel == "tc":
+        _needs_sm80(gpu_device)
+    kernel_env(kernel)
+    p = Problem(2, 24, 16, 11, 13, (1, 4, 12))
+    x, w1, w3, scale, shift = make_problem(p, torch.bfloat16, gpu_device, channels_last=True, epilogue=True, seed=9)
+    g = torch.randn((p.n, 4 * p.co, p.h, p.w), device=gpu_device, dtype=torch.bfloat16)
+    want_y = resaspp_ops._C.forward(x, w1, w3, list(p.rates), scale, shift, True)
+    want_g = resaspp_ops._C.backward(g, x, w1, w3, list(p.rates), True, True)
+    side = torch.cuda.Stream(device=gpu_device)
+    side.wait_stream(torch.cuda.current_stream(gpu_device))
+    with torch.cuda.stream(side):
+        got_y = resaspp_ops._C.forward(x, w1, w3, list(p.rates), scale, shift, True)
+        got_g = resaspp_ops._C.backward(g, x, w1, w3, list(p.rates), True, True)
+    side.synchronize()
+    assert torch.equal(got_y, want_y)
+    for a, b in zip(got_g, want_g):
+        assert torch.equal(a, b)
+    if torch.cuda.device_count() < 2:
+        return
+    other = torch.device("cuda", (gpu_device.index + 1) % torch.cuda.device_count())
+    if kernel == "tc" and torch.cuda.get_device_capability(other)[0] < 8:
+        return
+    moved = [t.to(other) for t in (x, w1, w3, scale, shift, g)]
+    with torch.cuda.device(gpu_device):  # the current device is not the tensors' device
+        y1 = resaspp_ops._C.forward(*moved[:3], list(p.rates), moved[3], moved[4], True)
+        g1 = resaspp_ops._C.backward(moved[5], *moved[:3], list(p.rates), True, True)
+    torch.cuda.synchronize(other)
+    assert y1.device == other
+    eps = torch.finfo(torch.bfloat16).eps  # the other GPU may be another model: agree to output rounding
+    for a, b in zip((y1, *g1), (want_y, *want_g)):
+        b = b.float()
+        torch.testing.assert_close(a.to(gpu_device).float(), b, rtol=2 * eps, atol=2 * eps * float(b.abs().max()))
