@@ -130,7 +130,7 @@ def _backward(ctx, grad_out):
     need_x, need_w1, need_w3, _, need_scale, need_shift = ctx.needs_input_grad[:6]
     grad = grad_out
     if ctx.relu:
-        grad = grad.masked_fill(out <= 0, 0)
+        grad = torch.where(out > 0, grad, 0)  # as torch.relu's backward: zero where out <= 0 or NaN
     grad_scale = grad_shift = None
     if ctx.has_scale or ctx.has_shift:
         acc = accumulation_dtype(x.dtype)
