@@ -105,3 +105,49 @@ def test_a_wrong_result_is_reported_and_never_timed(tmp_path, monkeypatch):
     assert fused and all(r["correct"] is False and r["median_ms"] is None for r in fused)
     assert "out err" in fused[0]["note"]
     assert any(r["provider"] == "conv2d-eager" and r["correct"] for r in rows)
+
+
+def test_file_names_are_safe_for_any_gpu_name_and_tag(monkeypatch):
+    import torch
+
+    from resaspp_ops.bench import environment, report
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3 / PCIe")
+    doc = {"meta": {"date": "2026-11-23T06:00:00+00:00"}}
+    assert report.file_stem(doc, torch.device("cuda", 0), "call.2") == "2026-11-23_nvidia-h100-80gb-hbm3-pcie_call.2"
+    assert environment.device_slug(torch.device("cpu")) == "cpu"
+    with pytest.raises(SystemExit):
+        from resaspp_ops.bench.options import parse
+
+        parse(["--tag", "a/b"])
+
+
+def test_speedups_are_per_case_idempotent_and_name_their_baselines():
+    from resaspp_ops.bench.suite import add_all_speedups
+
+    def row(provider, ms, rates=(1,), correct=True):
+        return {"level": "module", "preset": "p", "rates": list(rates), "dtype": "bfloat16", "mode": "fwd",
+                "provider": provider, "median_ms": ms, "p20_ms": ms, "p80_ms": ms, "peak_mem_mb": None,
+                "tflops_dense": None, "tflops_useful": None, "correct": correct, "speedup_vs_best_baseline": None}
+
+    rows = [row("torchvision-eager", 4.0), row("torchvision-compile", None, correct=None), row("fused-cuda", 2.0),
+            row("torchvision-eager", 1.0, rates=(2,)), row("fused-cuda", 2.0, rates=(2,))]
+    for _ in range(2):
+        add_all_speedups(rows)
+    assert rows[2]["speedup_vs_best_baseline"] == 2.0 and rows[2]["speedup_baselines"] == ["torchvision-eager"]
+    assert rows[4]["speedup_vs_best_baseline"] == 0.5
+    from resaspp_ops.bench.report import markdown
+
+    text = markdown({"meta": {"commit": None, "device": "d", "date": "x", "torch": "t", "triton": "t", "cuda": None,
+                              "complete": False},
+                     "ceiling": {"bf16_matmul_tflops": 1.0}, "rows": [dict(r, note="") for r in rows]})
+    assert "- torchvision-compile (1)" in text and "Incomplete run" in text
+
+
+def test_plain_progress_stands_in_for_tqdm(capsys):
+    from resaspp_ops.bench.suite import _PlainProgress
+
+    with _PlainProgress(total=20) as bar:
+        bar.set_postfix_str("case")
+        bar.update(10)
+    assert "10/20" in capsys.readouterr().err

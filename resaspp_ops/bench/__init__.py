@@ -12,7 +12,8 @@ from __future__ import annotations
 
 def main(argv=None) -> int:
     """Runs `resaspp bench ARGS` for argv (default: sys.argv[1:]); returns the exit status:
-    0 on success, 1 when some provider was wrong or failed, 2 on a usage error."""
+    0 on success, 1 when some fused provider was wrong or failed or some baseline failed to run (a
+    baseline past the error rule is timed and reported, not an error), 2 on a usage error."""
     import sys
 
     from resaspp_ops.bench.suite import run

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from resaspp_ops.bench.presets import PRESETS
@@ -22,6 +23,12 @@ def _choices(allowed):
                 f"unknown value(s) {', '.join(unknown) or repr(text)}; choose from {', '.join(allowed)}")
         return names
     return parse
+
+
+def _tag(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", text):
+        raise argparse.ArgumentTypeError(f"tag {text!r}: use letters, digits and . _ + - only")
+    return text
 
 
 def default_out_dir() -> Path:
@@ -57,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help=f"stop starting providers after this long; the rest are reported as skipped "
                         f"(default: none on cuda, {DEFAULT_CPU_BUDGET_S:.0f} s on cpu)")
+    p.add_argument("--tag", type=_tag, default=None,
+                   help="appended to the file names, <date>_<device>_<tag>.*: keeps apart the files of several "
+                        "runs on one day (say, successive calls on a lent GPU)")
+    p.add_argument("--compile-mode", default="max-autotune",
+                   choices=("max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead", "default"),
+                   help="torch.compile mode of the -compile baselines (default: max-autotune, recorded in meta)")
     p.add_argument("--quick", action="store_true",
                    help="shorter timing, and unless given: presets voc-os16,unet-stare, default rates, "
                         "bfloat16 on cuda")

@@ -3,7 +3,7 @@
 Level "module" (the whole ASPP):
     torchvision-eager      torchvision's ASPP, NCHW input and weights
     torchvision-eager-cl   the same in channels_last
-    torchvision-compile    torch.compile(mode="max-autotune") of the channels_last module
+    torchvision-compile    torch.compile(mode="max-autotune", or --compile-mode) of the channels_last module
     fused-triton / fused-cuda / fused-auto   FusedASPP(backend=...), channels_last input
 
 Level "branches" (the 1x1 + B atrous convolutions alone, output [N, (1+B)*Co, H, W]):
@@ -136,16 +136,24 @@ def _new_step_each_call(compiled: Callable[[Tensor], Tensor]) -> Callable[[Tenso
 
 
 def set_dropout(module: nn.Module, enabled: bool) -> None:
-    """Dropout's mask is random: the correctness check runs with it off, timing with it as configured."""
+    """Dropout's mask is random, so the correctness check runs with it off; the timing keeps it off too
+    (the same cheap elementwise op in every provider), because switching it back on between the check
+    and the timing would make torch.compile recompile (its guards include each module's training flag),
+    a second max-autotune compile per fwd+bwd case."""
     for m in module.modules():
         if isinstance(m, nn.Dropout):
             m.train(enabled and module.training)
 
 
-def build(level: str, provider: str, source: nn.Module, rates, device: torch.device, train: bool) -> Runner:
+DEFAULT_COMPILE_MODE = "max-autotune"
+
+
+def build(level: str, provider: str, source: nn.Module, rates, device: torch.device, train: bool,
+          compile_mode: str = DEFAULT_COMPILE_MODE) -> Runner:
     """A Runner for `provider` from `source`, the case's weights already in the case's dtype (on the CPU).
 
     source is a torchvision ASPP (level "module") or a BranchConvs with impl "conv2d" (level "branches").
+    compile_mode: torch.compile's mode for the -compile providers.
     """
     backend = FUSED_BACKENDS.get(provider)
     if level == "module":
@@ -166,6 +174,6 @@ def build(level: str, provider: str, source: nn.Module, rates, device: torch.dev
     fn = module
     if is_compiled(provider):
         torch._dynamo.reset()  # a fresh cache per case: never fall back to eager at the recompile limit
-        fn = _new_step_each_call(torch.compile(module, mode="max-autotune"))
+        fn = _new_step_each_call(torch.compile(module, mode=compile_mode))  # harmless without CUDA graphs
     note = auto_note(device, next(module.parameters()).dtype) if backend == "auto" else ""
     return Runner(provider, fn, module, channels_last, note, list(module.parameters()))

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from resaspp_ops.bench.environment import device_slug
+from resaspp_ops.bench.providers import BASELINES
 
 COLUMNS = ("level", "preset", "rates", "provider", "dtype", "mode", "median ms", "p20-p80 ms", "peak MiB",
            "dense TFLOP/s", "useful TFLOP/s", "vs best baseline", "correct")
@@ -52,24 +55,56 @@ def markdown(doc: dict) -> str:
     if skipped:
         lines += ["", "Skipped (provider: reason, number of cases):", ""]
         lines += [f"- {what} ({count})" for what, count in skipped.items()]
+    missing = Counter()
+    for key in dict.fromkeys(_case_key(r) for r in rows):
+        mine = [r for r in rows if _case_key(r) == key]
+        used = next((r["speedup_baselines"] for r in mine if r.get("speedup_baselines")), None)
+        if used is not None:  # baselines this run was asked for that were not timed on this case
+            missing.update(r["provider"] for r in mine if r["provider"] in BASELINES[key[0]]
+                           and r["provider"] not in used)
+    if missing:
+        lines += ["", "Speedups measured without some baselines (baseline: number of cases):", ""]
+        lines += [f"- {b} ({count})" for b, count in missing.items()]
+    if not meta.get("complete", True):
+        lines += ["", "**Incomplete run** (a checkpoint: the run was still going, or was stopped)."]
     failed = [r for r in rows if r["correct"] is False]
     if failed:
-        lines += ["", "Wrong or failed (never timed):", ""]
+        lines += ["", "Wrong or failed (fused providers: never timed; PyTorch baselines: timed all the same):", ""]
         lines += [f"- {r['level']} {r['preset']} r{','.join(map(str, r['rates']))} {r['provider']} {r['dtype']} "
                   f"{r['mode']}: {r['note']}" for r in failed]
     return "\n".join(lines) + "\n"
 
 
-def write_all(doc: dict, out_dir: Path, device: torch.device) -> tuple[str, list[Path]]:
-    """Writes <date>_<device>.json, .md and .png under out_dir; returns (the markdown, the paths)."""
-    from resaspp_ops.bench.plot import plot_speedups
+def _case_key(row: dict) -> tuple:
+    return (row["level"], row["preset"], tuple(row["rates"]), row["dtype"], row["mode"])
 
+
+def file_stem(doc: dict, device: torch.device, tag: Optional[str] = None) -> str:
+    """<date>_<device>[_<tag>]: file-name safe whatever the device is called (spaces, slashes)."""
+    return f"{doc['meta']['date'][:10]}_{device_slug(device)}" + (f"_{tag}" if tag else "")
+
+
+def write_all(doc: dict, out_dir: Path, device: torch.device, tag: Optional[str] = None,
+              plot: bool = True) -> tuple[str, list[Path]]:
+    """Writes <stem>.json, .md and (plot) .png under out_dir; returns (the markdown, the paths written).
+
+    The plot needs matplotlib: without it (or if it fails) the .png is left out with a message, and
+    the .json and .md, written first, stand."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{doc['meta']['date'][:10]}_{device_slug(device)}"
+    stem = out_dir / file_stem(doc, device, tag)
     table = markdown(doc)
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
+    # with_name, not with_suffix: a tag such as "run.2" must not lose its ".2"
+    paths = [stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")]
     paths[0].write_text(json.dumps(doc, indent=1) + "\n")
     paths[1].write_text(table)
-    plot_speedups(doc, paths[2])
+    if plot:
+        png = stem.with_name(stem.name + ".png")
+        try:
+            from resaspp_ops.bench.plot import plot_speedups
+
+            plot_speedups(doc, png)
+            paths.append(png)
+        except Exception as exc:  # noqa: BLE001 - the numbers are written; the picture is optional
+            print(f"resaspp bench: no plot ({type(exc).__name__}: {exc})", file=sys.stderr)
     return table, paths

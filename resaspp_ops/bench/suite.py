@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import shlex
 import sys
 import time
@@ -14,7 +15,8 @@ from resaspp_ops.bench.ceiling import bf16_matmul_tflops
 from resaspp_ops.bench.correctness import check
 from resaspp_ops.bench.environment import metadata
 from resaspp_ops.bench.presets import select
-from resaspp_ops.bench.providers import YARDSTICK, build, is_baseline, providers_of, skip_reason
+from resaspp_ops.bench.providers import (DEFAULT_COMPILE_MODE, YARDSTICK, build, is_baseline, is_compiled,
+                                         providers_of, skip_reason)
 from resaspp_ops.bench.timing import TimingSettings, peak_memory_mb, time_step
 from resaspp_ops.bench.workloads import (Case, float64_reference, laid_out_like, make_inputs, make_output_grad,
                                          make_source, run_once)
@@ -74,8 +76,10 @@ def _release(device: torch.device) -> None:
 
 
 def run_case(case: Case, providers: list, requested: Optional[list], device: torch.device,
-             settings: TimingSettings, out_of_time: Callable[[], bool], progress) -> list[dict]:
-    """Rows of every provider of one case; fused rows carry their speedup over the best baseline."""
+             settings: TimingSettings, out_of_time: Callable[[], bool], progress,
+             compile_mode: str = DEFAULT_COMPILE_MODE) -> list[dict]:
+    """Rows of `providers` on one case (speedups are added by the caller, once every provider of the
+    case has run: see add_speedups)."""
     rows = [empty_row(case, p) for p in providers]
     reasons = {p: skip_reason(p, device, case.dtype, requested is not None and p in requested) for p in providers}
     if out_of_time() or all(reasons.values()):  # nothing will run: spare the setup and the float64 reference
@@ -115,7 +119,7 @@ def run_case(case: Case, providers: list, requested: Optional[list], device: tor
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             baseline_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-            runner = build(case.level, provider, source, case.rates, device, case.train)
+            runner = build(case.level, provider, source, case.rates, device, case.train, compile_mode=compile_mode)
             inputs = xs_cl if runner.channels_last else xs
             result = run_once(runner.fn, runner.module, inputs[0], grad, case.train)
             if provider == YARDSTICK[case.level]:
@@ -125,7 +129,11 @@ def run_case(case: Case, providers: list, requested: Optional[list], device: tor
                 correct, detail = verdict.correct, verdict.detail
             row["correct"] = correct
             row["note"] = "; ".join(t for t in (runner.note, detail) if t)
-            if correct:
+            # A fused provider with a wrong result is never timed. A baseline is PyTorch itself, what users
+            # get: it is timed (and stays in the best-baseline comparison) whatever its verdict, which the
+            # row reports. (In bf16 fwd+bwd, torch.compile's BatchNorm backward rounds at other points than
+            # eager and can land past 2x eager's error, so dropping it would flatter the fused rows.)
+            if correct or is_baseline(provider):
                 grad_laid_out = None if grad is None else laid_out_like(grad, result.out)
                 result = None
                 step = make_step(runner, inputs, grad_laid_out, case.train)
@@ -144,20 +152,58 @@ def run_case(case: Case, providers: list, requested: Optional[list], device: tor
                 torch._dynamo.reset()
             _release(device)
         progress.update(1)
-    add_speedups(rows)
     return rows
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """speedup_vs_best_baseline = best correct baseline's median / the row's median (baselines too)."""
-    baseline_times = [r["median_ms"] for r in rows
-                      if is_baseline(r["provider"]) and r["correct"] and r["median_ms"] is not None]
-    if not baseline_times:
+    """speedup_vs_best_baseline = best timed baseline's median / the row's median (baselines too), for
+    the rows of one case. Each timed row also gets "speedup_baselines": the baselines that were timed
+    (so a speedup measured without, say, the compiled baseline says so). Idempotent."""
+    timed = [r for r in rows if is_baseline(r["provider"]) and r["median_ms"] is not None]
+    for row in rows:
+        row["speedup_vs_best_baseline"] = None
+        row.pop("speedup_baselines", None)
+    if not timed:
         return
-    best = min(baseline_times)
+    best = min(r["median_ms"] for r in timed)
     for row in rows:
         if row["median_ms"] is not None:
             row["speedup_vs_best_baseline"] = best / row["median_ms"]
+            row["speedup_baselines"] = [r["provider"] for r in timed]
+
+
+def case_key(row: dict) -> tuple:
+    return (row["level"], row["preset"], tuple(row["rates"]), row["dtype"], row["mode"])
+
+
+def add_all_speedups(rows: list[dict]) -> None:
+    """add_speedups on each case's rows."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(case_key(row), []).append(row)
+    for group in groups.values():
+        add_speedups(group)
+
+
+class _PlainProgress:
+    """Stands in for tqdm where it is not installed: a line on stderr every 10 runs."""
+
+    def __init__(self, total: int, **_) -> None:
+        self.total, self.n, self.postfix = total, 0, ""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        print(f"resaspp bench: {self.n}/{self.total} runs", file=sys.stderr, flush=True)
+
+    def set_postfix_str(self, text: str, refresh: bool = False) -> None:
+        self.postfix = text
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        if self.n % 10 == 0:
+            print(f"resaspp bench: {self.n}/{self.total} runs ({self.postfix})", file=sys.stderr, flush=True)
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
@@ -170,9 +216,24 @@ def resolve_device(name: Optional[str]) -> torch.device:
     return torch.device("cpu")
 
 
+# Environment variables that change what is measured; recorded in meta["env"] when set.
+RECORDED_ENV = ("RESASPP_TRITON_AUTOTUNE", "RESASPP_CUDA_KERNEL", "TRITON_CACHE_AUTOTUNING",
+                "TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS", "TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS",
+                "TORCHINDUCTOR_COMPILE_THREADS", "CUDA_VISIBLE_DEVICES")
+
+
 def run(argv) -> int:
-    """Runs the suite for command-line arguments `argv`; prints the table, writes the files; exit status."""
-    from tqdm import tqdm
+    """Runs the suite for command-line arguments `argv`; prints the table, writes the files; exit status.
+
+    Two passes over the cases: every provider except the -compile ones first, then the -compile ones
+    (each a max-autotune compile, by far the slowest part), so that a time budget, or a run killed
+    from outside, leaves the cheap rows of every case rather than every row of the first cases. The
+    .json and .md are rewritten after every case (meta.complete false until the end); the .png at the end.
+    """
+    try:
+        from tqdm import tqdm
+    except ImportError:  # a bare image: progress lines instead of a bar
+        tqdm = _PlainProgress
 
     from resaspp_ops.bench.report import write_all
 
@@ -195,18 +256,60 @@ def run(argv) -> int:
     meta = metadata(device, command)
     meta["presets"] = {c.preset.name: {"n": c.preset.n, "c": c.preset.c, "co": c.preset.co, "h": c.preset.h,
                                        "w": c.preset.w} for c in cases}
+    meta["compile_mode"] = args.compile_mode
+    meta["env"] = {k: os.environ[k] for k in RECORDED_ENV if k in os.environ}
+    meta["time_budget_s"] = budget
+    meta["complete"] = False
     ceiling = {"bf16_matmul_tflops": bf16_matmul_tflops(device, settings)}
-    rows = []
+    per_case: list[list[dict]] = [[] for _ in cases]
+    passes = [lambda p: not is_compiled(p), is_compiled]
     total = sum(len(providers_for(c, args.providers)) for c in cases)
-    with tqdm(total=total, desc="resaspp bench", unit="run", file=sys.stderr, dynamic_ncols=True) as progress:
-        for case in cases:
-            rows += run_case(case, providers_for(case, args.providers), args.providers, device, settings,
-                             out_of_time, progress)
-    rows.sort(key=lambda row: args.levels.index(row["level"]))  # the report reads level by level (stable)
-    meta["elapsed_s"] = round(time.perf_counter() - start, 1)
-    doc = {"meta": meta, "ceiling": ceiling, "rows": rows}
-    table, paths = write_all(doc, args.out_dir, device)
+
+    def document() -> dict:
+        rows = [row for case_rows in per_case for row in case_rows]
+        add_all_speedups(rows)
+        rows.sort(key=lambda row: args.levels.index(row["level"]))  # the report reads level by level (stable)
+        meta["elapsed_s"] = round(time.perf_counter() - start, 1)
+        return {"meta": meta, "ceiling": ceiling, "rows": rows}
+
+    interrupted = False
+    try:
+        _run_passes(cases, passes, args, device, settings, out_of_time, per_case, document, tqdm, total)
+    except KeyboardInterrupt:  # Ctrl-C, or `timeout --signal=INT`: write what was measured, then stop
+        interrupted = True
+        meta["interrupted"] = True
+        print("resaspp bench: interrupted; writing the rows measured so far", file=sys.stderr)
+    meta["complete"] = not interrupted
+    doc = document()
+    table, paths = write_all(doc, args.out_dir, device, tag=args.tag)
     print(table)
     print("wrote " + ", ".join(str(p) for p in paths))
-    wrong = [r for r in rows if r["correct"] is False]
+    if interrupted:
+        return 130
+    # Exit 1: a fused provider wrong or failed, or a baseline that failed to run (not merely past the rule).
+    wrong = [r for r in doc["rows"] if r["correct"] is False
+             and (not is_baseline(r["provider"]) or r["median_ms"] is None)]
+    if any(r["correct"] is False for r in doc["rows"] if is_baseline(r["provider"])):
+        print("resaspp bench: some PyTorch baseline failed the error rule (timed anyway; see the table)",
+              file=sys.stderr)
     return 1 if wrong else 0
+
+
+def _run_passes(cases, passes, args, device, settings, out_of_time, per_case, document, tqdm, total) -> None:
+    """The cases, pass by pass (see run), with a checkpoint of the .json/.md after every case."""
+    from resaspp_ops.bench.report import write_all
+
+    with tqdm(total=total, desc="resaspp bench", unit="run", file=sys.stderr, dynamic_ncols=True) as progress:
+        for in_pass in passes:
+            for i, case in enumerate(cases):
+                all_providers = providers_for(case, args.providers)
+                providers = [p for p in all_providers if in_pass(p)]
+                if not providers:
+                    continue
+                per_case[i] += run_case(case, providers, args.providers, device, settings, out_of_time, progress,
+                                        compile_mode=args.compile_mode)
+                per_case[i].sort(key=lambda row: all_providers.index(row["provider"]))
+                try:  # a checkpoint: what a kill from outside leaves behind
+                    write_all(document(), args.out_dir, device, tag=args.tag, plot=False)
+                except OSError as exc:
+                    print(f"resaspp bench: could not write a checkpoint: {exc}", file=sys.stderr)

@@ -107,18 +107,16 @@ class Result:
 
 
 def run_once(fn, module: nn.Module, x: Tensor, grad_out: Tensor | None, train: bool) -> Result:
-    """One check step with dropout off: forward (and backward of sum(out * grad_out) in train mode)."""
+    """One check step: forward (and backward of sum(out * grad_out) in train mode), with the module's
+    dropout switched off, where it stays for the timing that follows (see set_dropout)."""
     set_dropout(module, False)
-    try:
-        x = x.detach().requires_grad_(train)
-        if not train:
-            with torch.no_grad():
-                return Result(fn(x).detach().clone(), None)
-        out = fn(x)
-        out.backward(laid_out_like(grad_out, out))
-        return Result(out.detach().clone(), x.grad.detach().clone())
-    finally:
-        set_dropout(module, True)
+    x = x.detach().requires_grad_(train)
+    if not train:
+        with torch.no_grad():
+            return Result(fn(x).detach().clone(), None)
+    out = fn(x)
+    out.backward(laid_out_like(grad_out, out))
+    return Result(out.detach().clone(), x.grad.detach().clone())
 
 
 def float64_reference(case: Case, source: nn.Module, x: Tensor, grad_out: Tensor | None, device) -> Result:
