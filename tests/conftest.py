@@ -18,7 +18,9 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_generate_tests(metafunc):
     if "device" in metafunc.fixturenames:
-        metafunc.parametrize("device", _devices())
+        # The GPU case carries the cuda marker, so that `pytest -m cuda` runs it too.
+        metafunc.parametrize("device", [pytest.param(d, marks=pytest.mark.cuda) if d == "cuda" else d
+                                        for d in _devices()])
 
 
 @pytest.fixture
