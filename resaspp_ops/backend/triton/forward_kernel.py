@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from resaspp_ops.backend.triton import configs
-from resaspp_ops.backend.triton.tiles import branch_taps, pixel_offsets, tile_coords
+from resaspp_ops.backend.triton.tiles import branch_taps, pixel_offsets, program_block, tile_coords
 
 # Accumulators live together through the centre phase; more branches than this take another launch.
 MAX_ATROUS = 4
@@ -64,14 +64,7 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     FLAT: tl.constexpr,  # one loop over a branch's (live tap, K chunk) pairs instead of a loop a tap
 ):
-    TILE_H: tl.constexpr = BLOCK_M // TILE_W
-    pid = tl.program_id(0)
-    # Co blocks of one tile are neighbours in launch order, so they meet its input in L2.
-    n_cob = (CO + BLOCK_N - 1) // BLOCK_N
-    n_tiles = ((H + TILE_H - 1) // TILE_H) * ((W + TILE_W - 1) // TILE_W)
-    cob = pid % n_cob
-    tile = (pid // n_cob) % n_tiles
-    img = pid // (n_cob * n_tiles)
+    img, tile, cob = program_block(CO, H, W, BLOCK_M, TILE_W, BLOCK_N)
 
     h0, h1, w0, w1, hh, ww, in_image = tile_coords(tile, H, W, BLOCK_M, TILE_W)
     offs_n = cob * BLOCK_N + tl.arange(0, BLOCK_N)

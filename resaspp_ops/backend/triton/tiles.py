@@ -11,6 +11,19 @@ import triton.language as tl
 
 
 @triton.jit
+def program_block(n_out, H, W, BLOCK_M: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(image, tile, output-channel block) of this program in a 1-D grid over all three.
+
+    The channel blocks of one tile are neighbours in launch order, so they meet its input in L2.
+    """
+    TILE_H: tl.constexpr = BLOCK_M // TILE_W
+    pid = tl.program_id(0)
+    n_cob = (n_out + BLOCK_N - 1) // BLOCK_N
+    n_tiles = ((H + TILE_H - 1) // TILE_H) * ((W + TILE_W - 1) // TILE_W)
+    return pid // (n_cob * n_tiles), (pid // n_cob) % n_tiles, pid % n_cob
+
+
+@triton.jit
 def tile_coords(pid_tile, H, W, BLOCK_M: tl.constexpr, TILE_W: tl.constexpr):
     """(h0, h1, w0, w1, hh [BLOCK_M], ww [BLOCK_M], in_image [BLOCK_M]) of tile `pid_tile` of one image.
 
