@@ -1,4 +1,6 @@
 """The op contract of DESIGN.md section 3: results, grads, registration and input checking."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,3 +190,16 @@ class TestBadInput:
         x, w1, w3 = self.inputs()
         with pytest.raises(ValueError, match=r"scale must be \[\(1\+B\)\*Co\] = \[9\]"):
             multi_rate_conv2d(x, w1, w3, self.p.rates, scale=torch.ones(3))
+
+
+def test_auto_says_once_why_cuda_tensors_miss_the_cuda_backend(monkeypatch):
+    cuda_backend, triton_backend = backend_registry.get("cuda"), backend_registry.get("triton")
+    monkeypatch.setattr(cuda_backend, "availability", lambda device, dtype: (False, "resaspp_ops._C is not built"))
+    monkeypatch.setattr(triton_backend, "availability", lambda device, dtype: (True, "stub"))
+    monkeypatch.setattr(backend_registry, "_WARNED", set())
+    device = torch.device("cuda")  # resolve only reads the device type: no GPU is touched
+    with pytest.warns(UserWarning, match="runs torch.bfloat16 CUDA tensors on 'triton', not 'cuda': resaspp_ops._C"):
+        assert backend_registry.resolve("auto", device, torch.bfloat16) == "triton"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backend_registry.resolve("auto", device, torch.bfloat16) == "triton"  # said once

@@ -16,6 +16,7 @@ Inputs reach a backend already validated by resaspp_ops.ops (shapes, dtypes, dev
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -43,22 +44,37 @@ def status(name: str, device: torch.device | str, dtype: torch.dtype = torch.flo
     return BackendStatus(bool(ok), reason)
 
 
+def _auto_pick(device: torch.device, dtype: torch.dtype) -> str:
+    if device.type != "cuda":
+        return "reference"
+    for candidate in AUTO_ORDER_CUDA:
+        if get(candidate).availability(device, dtype)[0]:
+            return candidate
+    return "reference"
+
+
+_WARNED: set = set()
+
+
 # A trace-time constant under torch.compile: the backend is fixed when the graph is captured,
 # and the module lookup (importlib) stays out of the graph.
 @torch.compiler.assume_constant_result
 def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend that runs tensors of this device and dtype.
 
-    "auto" picks the first available of AUTO_ORDER_CUDA on CUDA and the reference elsewhere.
+    "auto" picks the first available of AUTO_ORDER_CUDA on CUDA and the reference elsewhere; on CUDA,
+    when it cannot take the first choice it says why, once per process and reason.
     A named backend that cannot run them raises RuntimeError with the reason: never a silent stand-in.
     """
     if name == "auto":
-        if device.type != "cuda":
-            return "reference"
-        for candidate in AUTO_ORDER_CUDA:
-            if get(candidate).availability(device, dtype)[0]:
-                return candidate
-        return "reference"
+        chosen = _auto_pick(device, dtype)
+        if device.type == "cuda" and chosen != AUTO_ORDER_CUDA[0]:
+            why = get(AUTO_ORDER_CUDA[0]).availability(device, dtype)[1]
+            if (chosen, why) not in _WARNED:
+                _WARNED.add((chosen, why))
+                warnings.warn(f"resaspp_ops: backend='auto' runs {dtype} CUDA tensors on {chosen!r}, "
+                              f"not {AUTO_ORDER_CUDA[0]!r}: {why}", stacklevel=3)
+        return chosen
     ok, reason = get(name).availability(device, dtype)
     if not ok:
         raise RuntimeError(f"resaspp_ops backend {name!r} cannot run {dtype} tensors on {device}: {reason}")
@@ -68,7 +84,7 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
 def auto_choice(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> tuple[str, str]:
     """(backend, why) that "auto" picks for tensors of this device and dtype."""
     device = torch.device(device)
-    chosen = resolve("auto", device, dtype)
+    chosen = _auto_pick(device, dtype)
     if device.type != "cuda":
         return chosen, f"{device.type} tensors run on the reference backend (PyTorch's own convolutions)"
     skipped = [f"{n}: {get(n).availability(device, dtype)[1]}" for n in AUTO_ORDER_CUDA[: AUTO_ORDER_CUDA.index(chosen)]]
