@@ -391,6 +391,24 @@ def test_availability(monkeypatch):
     assert not ok and "TRITON_INTERPRET" in why
 
 
+def test_interpreter_numpy_conflict_is_named(monkeypatch):
+    """Triton < 3.7's interpreter breaks on NumPy >= 2.4: availability says so instead of an opaque error."""
+    import numpy
+    import triton
+
+    check = triton_backend._interpreter_numpy_conflict
+    for triton_v, numpy_v, conflict in (("3.6.0", "2.4.1", True), ("3.6.0", "2.3.5", False),
+                                        ("3.8.0", "2.5.5", False), ("3.7.0+git1a2b", "2.4.0", False)):
+        monkeypatch.setattr(triton, "__version__", triton_v)
+        monkeypatch.setattr(numpy, "__version__", numpy_v)
+        check.cache_clear()
+        ok, why = triton_backend.availability(torch.device("cpu"), torch.float32)
+        assert ok is not conflict, (triton_v, numpy_v, why)
+        assert ("9171" in why) is conflict
+    monkeypatch.undo()
+    check.cache_clear()
+
+
 def test_named_backend_never_stands_in():
     x, w1, w3, _, _ = make_problem(Problem(1, 4, 4, 3, 3, (1,)), torch.float64)
     with pytest.raises(RuntimeError, match="float64"):

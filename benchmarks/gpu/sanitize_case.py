@@ -14,8 +14,9 @@ import torch
 import resaspp_ops
 from resaspp_ops import backend as backend_registry
 
-# Odd sizes on purpose: partial tiles, channel counts off the block sizes, rates past the map.
-PROBLEMS = [(2, 24, 16, 11, 13, (1, 3, 17)), (1, 64, 32, 9, 9, (2, 4, 6, 8))]
+# Odd sizes on purpose: partial tiles, channel counts off the block sizes, rates past the map. The first two
+# take the cuda backend's tensor-core kernels in fp16/bf16 (C and Co multiples of 8), the third its SIMT ones.
+PROBLEMS = [(2, 24, 16, 11, 13, (1, 3, 17)), (1, 64, 32, 9, 9, (2, 4, 6, 8)), (1, 13, 6, 7, 10, (1, 5))]
 
 
 def main(argv) -> int:

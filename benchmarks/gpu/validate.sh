@@ -2,31 +2,35 @@
 # GPU validation in phases, each bounded so that a device call (10 minutes at most) always ends with its
 # summary written. Run from the repo root on the lent machine; everything lands under $OUT (the device
 # tool brings it back); results get committed under benchmarks/results/. See benchmarks/README.md
-# ("On a lent GPU") for the planned sequence of calls and their expected times.
+# ("On a lent GPU") for the planned calls and their expected times.
 #
 #   bash benchmarks/gpu/validate.sh PHASE [PHASE...] [bench ARGS...]
 #
+#   session    the whole plan of a GPU session in ONE call (a session has 15 minutes of device time):
+#              build; then at once, for SESSION_GROUP_S seconds (default 200): the whole pytest suite
+#              (xdist), compute-sanitizer, and bench-first's cases with --check-only (their correctness on
+#              every provider, and warm Triton / Inductor compile caches for the timed run); then alone on
+#              the GPU: check, and bench-first with what is left of the deadline
 #   env        versions, nvidia-smi, the toolkit found, pip list (seconds; every phase starts with it)
-#   build      build resaspp_ops._C (pip install -e, else setup.py build_ext --inplace); copies the .so
-#              to $OUT/artifacts/ so that a later call on a fresh machine can carry it instead of rebuilding
+#   build      build resaspp_ops._C (pip install -e, else setup.py build_ext --inplace)
 #   test-cuda  pytest -m cuda (the device-parametrised tests' cuda cases carry the marker), then
 #              pytest -m cuda again with RESASPP_CUDA_KERNEL=simt
-#   sanitize   compute-sanitizer memcheck and racecheck on benchmarks/gpu/sanitize_case.py
-#   test-all   the whole pytest suite (no -x: every failure is listed)
+#   sanitize   compute-sanitizer memcheck, then racecheck, on benchmarks/gpu/sanitize_case.py (both backends)
+#   test-all   the whole pytest suite (no -x: every failure is listed; xdist where installed)
 #   check      ../shared/tools/aspp_gpu_check.py, carried as .gpu_tools/ (writes $OUT/aspp_gpu_check.json)
 #   bench ARGS the benchmark suite, `resaspp bench --device cuda --out-dir $OUT/results ARGS`; must be the
 #              last phase named (everything after it goes to the suite)
-#   bench-first  the first benchmark call's argument set (FIRST_BENCH_ARGS below), files tagged bf16-module
-#   build-test the old name: build test-cuda sanitize
+#   bench-first  the first benchmark run's argument set (FIRST_BENCH_ARGS below), files tagged bf16-module
+#   bench-second the branch level's run (SECOND_BENCH_ARGS), for a short second call on the warm machine
 #
 # Phases share one deadline, VALIDATE_BUDGET_S seconds (default 560) from the start: each step gets what
 # is left (or its own cap), is stopped by `timeout` when it runs over, and the rest are reported as
-# skipped. Every step's log, its exit status and time go to $OUT (summary.txt).
+# skipped. At the end every log goes into $OUT/logs.tar.gz: the device tool brings back at most 8 files,
+# and what comes back is summary.txt, logs.tar.gz, aspp_gpu_check.json and the bench's results/*.
 #
-# The device machine gets a copy of the tree without .git: name the measured commit with
-# RESASPP_BENCH_COMMIT=$(git rev-parse HEAD) in the device command (the suite records it).
-# Before `check`, on the workstation: mkdir -p .gpu_tools && cp ../shared/tools/aspp_gpu_check.py .gpu_tools/
-# and pass carry=[".gpu_tools"] to the device call.
+# Before the device call, on the workstation: `bash benchmarks/gpu/prepare.sh` (copies the check script and
+# .git into .gpu_tools/, prints the command) and pass carry=[".gpu_tools"] to the call. The device copy of
+# the tree has no .git of its own; RESASPP_BENCH_COMMIT=<sha> in the command names the commit too.
 set -uo pipefail
 T_START=$SECONDS
 BUDGET=${VALIDATE_BUDGET_S:-560}
@@ -34,6 +38,13 @@ OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export OUT
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+# benchmarks/gpu/prepare.sh carries a copy of .git as .gpu_tools/git (the device copy of the tree has none):
+# through it git there names the measured commit, for the suite (meta.commit, meta.dirty) and the check script.
+if [[ ! -e .git && -d .gpu_tools/git ]]; then
+  export GIT_DIR="$PWD/.gpu_tools/git" GIT_WORK_TREE="$PWD"
+  # The copy may belong to another user than the one running here: git would refuse it as unsafe.
+  export GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0='*'
+fi
 export RESASPP_BENCH_COMMIT=${RESASPP_BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 # The checkout first on the import path: scripts run by path (sanitize_case.py, the check) import the
 # package from here even where `pip install -e` did not happen (a fresh machine with a carried .so).
@@ -43,16 +54,39 @@ export PYTHONUNBUFFERED=1
 # Triton keeps its autotuning choices on disk: a later phase or call on the same machine reuses them.
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 summary="$OUT/summary.txt"
-failed=0
+failed_mark="$OUT/.failed"  # a file, so that steps run in the background can report failure too
+rm -f "$failed_mark"
+GROUP_END=""  # while set: the end (in $SECONDS) of the concurrent group under way
 
-left() { echo $((BUDGET - (SECONDS - T_START))); }
+left() {  # seconds left of the deadline, or of the concurrent group under way if that ends sooner
+  local l=$((BUDGET - (SECONDS - T_START)))
+  if [[ -n "$GROUP_END" ]] && (( GROUP_END - SECONDS < l )); then l=$((GROUP_END - SECONDS)); fi
+  echo "$l"
+}
+
+mark_failed() { touch "$failed_mark"; }
+
+# Every log and file under $OUT except the ones meant to come back goes into logs.tar.gz (at exit,
+# however the script ends): the device tool returns at most 8 files.
+pack_logs() {
+  local keep=(summary.txt logs.tar.gz aspp_gpu_check.json results)
+  local f files=()
+  for f in "$OUT"/* "$OUT"/.[!.]*; do
+    [[ -e "$f" ]] || continue
+    [[ " ${keep[*]} " == *" $(basename "$f") "* ]] && continue
+    files+=("$(basename "$f")")
+  done
+  (( ${#files[@]} )) || return 0
+  tar -czf "$OUT/logs.tar.gz" -C "$OUT" "${files[@]}" && (cd "$OUT" && rm -rf "${files[@]}")
+}
+trap 'pack_logs' EXIT
 
 step() {  # step NAME LOGFILE CAP_S CMD...: runs CMD under timeout, logs it, records rc and time
   local name=$1 log=$2 cap=$3; shift 3
   local budget; budget=$(left)
   if (( budget < 20 )); then
     echo "$name: skipped (deadline: $budget s left)" | tee -a "$summary"
-    failed=1
+    mark_failed
     return 124
   fi
   (( cap > budget - 5 )) && cap=$((budget - 5))
@@ -64,7 +98,7 @@ step() {  # step NAME LOGFILE CAP_S CMD...: runs CMD under timeout, logs it, rec
   local what="rc=$rc"
   (( rc == 124 || rc == 137 )) && what="rc=$rc (stopped after its $cap s: see the end of the log)"
   echo "$name: $what ($((SECONDS - t0)) s, log $log)" | tee -a "$summary"
-  (( rc != 0 )) && failed=1
+  (( rc != 0 )) && mark_failed
   return $rc
 }
 
@@ -127,18 +161,15 @@ phase_build() {
     find_cuda_home || echo "build: no nvcc on PATH or under /usr/local/cuda*: the build will fail" | tee -a "$summary"
     step build build.log 480 env RESASPP_FORCE_CUDA=1 RESASPP_PTXAS_VERBOSE=1 \
       python -m pip install --no-build-isolation --no-deps --no-index -e . \
-      || { have_c || step build-inplace build_inplace.log 480 env RESASPP_FORCE_CUDA=1 \
+      || { have_c || step build-inplace build_inplace.log 300 env RESASPP_FORCE_CUDA=1 \
              python setup.py build_ext --inplace; }
   fi
   if have_c; then
-    mkdir -p "$OUT/artifacts"
-    cp resaspp_ops/_C*.so "$OUT/artifacts/" 2>/dev/null
-    [[ -f resaspp_ops/_build_config.py ]] && cp resaspp_ops/_build_config.py "$OUT/artifacts/"
     python -m resaspp_ops.cli info > "$OUT/info.txt" 2>&1
     return 0
   fi
   echo "build: resaspp_ops._C cannot be imported; the cuda backend's tests will fail or skip" | tee -a "$summary"
-  failed=1
+  mark_failed
   return 1
 }
 
@@ -154,49 +185,52 @@ phase_sanitize() {
   local cs; cs=$(find_sanitizer)
   if [[ -z "$cs" ]]; then
     echo "sanitize: no compute-sanitizer on PATH or under /usr/local/cuda*: skipped" | tee -a "$summary"
-    failed=1
+    mark_failed
     return 1
   fi
-  # The heuristic Triton configs: autotuning under the sanitizer would time every config, slowly.
-  # One log per tool and backend, so that a report on one backend cannot hide or be taken for the other's.
-  local tool b
+  # The heuristic Triton configs: autotuning under the sanitizer would time every config, slowly. One
+  # process a tool (the sanitizer's start-up with torch is the slow part); reports name the kernel.
+  local tool
   for tool in memcheck racecheck; do
-    for b in cuda triton; do
-      step "$tool-$b" "${tool}_$b.log" 150 env RESASPP_TRITON_AUTOTUNE=0 \
-        "$cs" --tool "$tool" --error-exitcode 3 python benchmarks/gpu/sanitize_case.py "$b"
-    done
+    step "$tool" "$tool.log" 150 env RESASPP_TRITON_AUTOTUNE=0 \
+      "$cs" --tool "$tool" --error-exitcode 3 python benchmarks/gpu/sanitize_case.py cuda triton
   done
 }
 
+xdist_args() {  # pytest-xdist's -n where it is installed (the GPU image has it): Triton compiles in parallel
+  python -c "import xdist" 2>/dev/null && echo "-n ${PYTEST_WORKERS:-8}"
+}
+
 phase_test_all() {
-  step pytest-all pytest_all.log 540 python -m pytest tests -q -p no:cacheprovider -rs --durations=25
+  # shellcheck disable=SC2046
+  step pytest-all pytest_all.log 540 python -m pytest tests -q -p no:cacheprovider -rs --durations=25 $(xdist_args)
 }
 
 phase_check() {
   if [[ ! -f .gpu_tools/aspp_gpu_check.py ]]; then
     echo "check: .gpu_tools/aspp_gpu_check.py missing (copy it and carry .gpu_tools)" | tee -a "$summary"
-    failed=1
+    mark_failed
     return 1
   fi
   have_c || echo "check: resaspp_ops._C missing: its cuda rows will fail" | tee -a "$summary"
-  step aspp-gpu-check aspp_gpu_check.log 540 env RESASPP_TRITON_AUTOTUNE="${CHECK_TRITON_AUTOTUNE:-0}" \
+  step aspp-gpu-check aspp_gpu_check.log 300 env RESASPP_TRITON_AUTOTUNE="${CHECK_TRITON_AUTOTUNE:-0}" \
     python .gpu_tools/aspp_gpu_check.py
 }
 
-phase_bench() {  # phase_bench NAME ARGS...
-  local name=$1; shift
+phase_bench() {  # phase_bench NAME OUTDIR ARGS...
+  local name=$1 out_dir=$2; shift 2
   have_c || echo "$name: resaspp_ops._C missing: fused-cuda will be skipped" | tee -a "$summary"
   # The suite stops starting providers at its --time-budget (given here unless ARGS name one: what is left
   # of the deadline less a margin for the provider under way), and rewrites its .json/.md after every
   # case, so even a run stopped by `timeout` leaves them.
   local budget=()
-  [[ " $* " == *" --time-budget"* ]] || budget=(--time-budget $(( $(left) - 90 )))
-  step "$name" "$name.log" 580 python -m resaspp_ops.cli bench --device cuda --out-dir "$OUT/results" \
+  [[ " $* " == *" --time-budget"* ]] || budget=(--time-budget $(( $(left) - 60 )))
+  step "$name" "$name.log" 580 python -m resaspp_ops.cli bench --device cuda --out-dir "$out_dir" \
     "${budget[@]}" "$@"
 }
 
-# The first benchmark call (benchmarks/README.md, "On a lent GPU"): bf16, module level, fwd and fwd+bwd, the
-# presets of issue 8's targets with both rate sets, all six providers. Two settings make it fit one call
+# The first benchmark run (benchmarks/README.md, "On a lent GPU"): bf16, module level, fwd and fwd+bwd, the
+# presets of issue 8's targets with both rate sets, all six providers. Two settings make it fit a session
 # (recorded in the JSON's meta): the Triton kernels run their heuristic configs (RESASPP_TRITON_AUTOTUNE=0:
 # autotuning costs tens of seconds a kernel and shape), and torch.compile runs mode "reduce-overhead"
 # (CUDA graphs, as max-autotune has, but no template search: minutes per case across 16 cases otherwise).
@@ -205,8 +239,44 @@ FIRST_BENCH_ARGS=(--levels module --dtypes bfloat16 --modes fwd,fwd+bwd --rate-s
   --providers torchvision-eager,torchvision-eager-cl,torchvision-compile,fused-triton,fused-cuda,fused-auto
   --compile-mode reduce-overhead --tag bf16-module)
 
+phase_bench_first() {  # phase_bench_first [--check-only]: the timed run, or its correctness sweep
+  if [[ "${1:-}" == --check-only ]]; then
+    RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} phase_bench bench-check "$OUT/check_only" \
+      "${FIRST_BENCH_ARGS[@]}" --check-only
+  else
+    RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} phase_bench bench-first "$OUT/results" \
+      "${FIRST_BENCH_ARGS[@]}"
+  fi
+}
+
+# A second, short run for a warm machine right after `session` (device time left: see the README): the branch
+# convolutions alone, the kernels' own speed against 1+B cuDNN convs.
+SECOND_BENCH_ARGS=(--levels branches --dtypes bfloat16 --modes fwd,fwd+bwd --rate-sets default
+  --presets voc-os16,voc-os8,cityscapes-os8,unet-stare
+  --providers conv2d-eager,conv2d-eager-cl,conv2d-compile,fused-triton,fused-cuda,fused-auto
+  --compile-mode reduce-overhead --tag bf16-branches)
+
+phase_session() {
+  phase_build
+  # The concurrent group: correctness work only, nothing timed. Each member gets the group's end as its
+  # deadline; the compile caches the check-only sweep fills (~/.triton, /tmp/torchinductor_*) are on disk,
+  # so the timed run's compiles after it are mostly cache hits.
+  GROUP_END=$((SECONDS + ${SESSION_GROUP_S:-200}))
+  phase_test_all &
+  local p_test=$!
+  phase_sanitize &
+  local p_san=$!
+  phase_bench_first --check-only &
+  local p_warm=$!
+  wait "$p_test" "$p_san" "$p_warm"
+  GROUP_END=""
+  # Alone on the GPU from here: these two time things.
+  phase_check
+  phase_bench_first
+}
+
 if (( $# == 0 )); then
-  sed -n '2,30p' "$0" >&2
+  sed -n '2,40p' "$0" >&2
   exit 2
 fi
 phase_env
@@ -219,11 +289,14 @@ while (( $# > 0 )); do
     sanitize) phase_sanitize ;;
     test-all) phase_test_all ;;
     check) phase_check ;;
-    build-test) phase_build; phase_test_cuda; phase_sanitize ;;
-    bench) phase_bench bench "$@"; break ;;
-    bench-first) RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} phase_bench bench-first "${FIRST_BENCH_ARGS[@]}" ;;
+    session) phase_session ;;
+    bench) phase_bench bench "$OUT/results" "$@"; break ;;
+    bench-first) phase_bench_first ;;
+    bench-second) RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} phase_bench bench-second "$OUT/results" \
+                    "${SECOND_BENCH_ARGS[@]}" ;;
     *) echo "unknown phase $phase; see the top of $0" >&2; exit 2 ;;
   esac
 done
 echo "total: $((SECONDS - T_START)) s" | tee -a "$summary"
-exit $failed
+[[ -e "$failed_mark" ]] && exit 1
+exit 0

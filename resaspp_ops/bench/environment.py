@@ -35,7 +35,9 @@ def device_slug(device: torch.device) -> str:
 
 
 def _git(*args: str) -> Optional[str]:
-    if not (SOURCE_TREE / ".git").exists():  # an installed copy, not a checkout: no commit to name
+    # An installed copy, not a checkout, has no commit to name; a copy of a checkout whose repository is
+    # elsewhere names it in GIT_DIR (benchmarks/gpu/validate.sh does, on a GPU machine).
+    if not (SOURCE_TREE / ".git").exists() and not os.environ.get("GIT_DIR"):
         return None
     try:
         res = subprocess.run(["git", "-C", str(SOURCE_TREE), *args], capture_output=True, text=True, timeout=10)

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", default="max-autotune",
                    choices=("max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead", "default"),
                    help="torch.compile mode of the -compile baselines (default: max-autotune, recorded in meta)")
+    p.add_argument("--check-only", action="store_true",
+                   help="check every provider against float64 and time nothing: a correctness sweep that also "
+                        "fills Triton's and Inductor's on-disk compile caches for a timed run after it")
     p.add_argument("--quick", action="store_true",
                    help="shorter timing, and unless given: presets voc-os16,unet-stare, default rates, "
                         "bfloat16 on cuda")

@@ -40,8 +40,7 @@ def markdown(doc: dict) -> str:
         "",
         f"Command: `{meta.get('command', '')}`  ",
         f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, commit {commit}  ",
-        f"Ceiling: bf16 matmul {doc['ceiling']['bf16_matmul_tflops']:.3g} TFLOP/s, measured in this run. "
-        "TFLOP/s count 2 FLOPs per MAC; fwd+bwd counts 3x the forward's MACs. Useful = taps inside the image.",
+        _ceiling_line(doc),
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" for _ in COLUMNS) + "|",
@@ -73,6 +72,14 @@ def markdown(doc: dict) -> str:
         lines += [f"- {r['level']} {r['preset']} r{','.join(map(str, r['rates']))} {r['provider']} {r['dtype']} "
                   f"{r['mode']}: {r['note']}" for r in failed]
     return "\n".join(lines) + "\n"
+
+
+def _ceiling_line(doc: dict) -> str:
+    tflops = doc["ceiling"]["bf16_matmul_tflops"]
+    if tflops is None:
+        return "Correctness check only (--check-only): nothing was timed."
+    return (f"Ceiling: bf16 matmul {tflops:.3g} TFLOP/s, measured in this run. TFLOP/s count 2 FLOPs per MAC; "
+            "fwd+bwd counts 3x the forward's MACs. Useful = taps inside the image.")
 
 
 def _case_key(row: dict) -> tuple:

@@ -77,9 +77,9 @@ def _release(device: torch.device) -> None:
 
 def run_case(case: Case, providers: list, requested: Optional[list], device: torch.device,
              settings: TimingSettings, out_of_time: Callable[[], bool], progress,
-             compile_mode: str = DEFAULT_COMPILE_MODE) -> list[dict]:
+             compile_mode: str = DEFAULT_COMPILE_MODE, check_only: bool = False) -> list[dict]:
     """Rows of `providers` on one case (speedups are added by the caller, once every provider of the
-    case has run: see add_speedups)."""
+    case has run: see add_speedups). check_only: the correctness check alone, nothing timed."""
     rows = [empty_row(case, p) for p in providers]
     reasons = {p: skip_reason(p, device, case.dtype, requested is not None and p in requested) for p in providers}
     if out_of_time() or all(reasons.values()):  # nothing will run: spare the setup and the float64 reference
@@ -133,7 +133,7 @@ def run_case(case: Case, providers: list, requested: Optional[list], device: tor
             # get: it is timed (and stays in the best-baseline comparison) whatever its verdict, which the
             # row reports. (In bf16 fwd+bwd, torch.compile's BatchNorm backward rounds at other points than
             # eager and can land past 2x eager's error, so dropping it would flatter the fused rows.)
-            if correct or is_baseline(provider):
+            if not check_only and (correct or is_baseline(provider)):
                 grad_laid_out = None if grad is None else laid_out_like(grad, result.out)
                 result = None
                 step = make_step(runner, inputs, grad_laid_out, case.train)
@@ -260,7 +260,8 @@ def run(argv) -> int:
     meta["env"] = {k: os.environ[k] for k in RECORDED_ENV if k in os.environ}
     meta["time_budget_s"] = budget
     meta["complete"] = False
-    ceiling = {"bf16_matmul_tflops": bf16_matmul_tflops(device, settings)}
+    meta["check_only"] = args.check_only
+    ceiling = {"bf16_matmul_tflops": None if args.check_only else bf16_matmul_tflops(device, settings)}
     per_case: list[list[dict]] = [[] for _ in cases]
     passes = [lambda p: not is_compiled(p), is_compiled]
     total = sum(len(providers_for(c, args.providers)) for c in cases)
@@ -307,7 +308,7 @@ def _run_passes(cases, passes, args, device, settings, out_of_time, per_case, do
                 if not providers:
                     continue
                 per_case[i] += run_case(case, providers, args.providers, device, settings, out_of_time, progress,
-                                        compile_mode=args.compile_mode)
+                                        compile_mode=args.compile_mode, check_only=args.check_only)
                 per_case[i].sort(key=lambda row: all_providers.index(row["provider"]))
                 try:  # a checkpoint: what a kill from outside leaves behind
                     write_all(document(), args.out_dir, device, tag=args.tag, plot=False)

@@ -35,6 +35,22 @@ def _triton_import_error() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _interpreter_numpy_conflict() -> str | None:
+    """Triton before 3.7 turns a one-element array into an int in its interpreter in a way NumPy 2.4 made an
+    error (triton-lang/triton#9171): every kernel would fail with an opaque InterpreterError."""
+    import numpy
+    import triton
+
+    def release(text: str) -> tuple:
+        return tuple(int(part) for part in text.split("+")[0].split(".")[:2])
+
+    if release(triton.__version__) < (3, 7) and release(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter fails with NumPy {numpy.__version__} "
+                "(triton-lang/triton#9171): install numpy<2.4 or a newer Triton")
+    return None
+
+
 _KERNELS = None
 
 
@@ -87,6 +103,9 @@ def availability(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
     if device.type == "cpu":
         if not _interpret_requested():
             return False, "CPU tensors run only through Triton's interpreter: set TRITON_INTERPRET=1 (slow, for tests)"
+        conflict = _interpreter_numpy_conflict()
+        if conflict:
+            return False, conflict
         if kernels_mode() == "compiled":
             return False, ("the Triton kernels were loaded for the GPU in this process before TRITON_INTERPRET=1 "
                            "was set; set it before their first use")
