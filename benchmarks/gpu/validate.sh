@@ -174,10 +174,11 @@ phase_build() {
 }
 
 phase_test_cuda() {
-  step pytest-cuda pytest_cuda.log 300 python -m pytest tests -m cuda -q -p no:cacheprovider -rs --durations=15
+  step pytest-cuda pytest_cuda.log 300 env RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} \
+    python -m pytest tests -m cuda -q -p no:cacheprovider -rs --durations=15
   # (The "cuda" cases of tests parametrised over the `device` fixture carry the marker: tests/conftest.py.)
   # The SIMT kernels under the other files' GPU tests (test_cuda_kernels.py picks its kernel per test).
-  step pytest-cuda-simt pytest_cuda_simt.log 150 env RESASPP_CUDA_KERNEL=simt \
+  step pytest-cuda-simt pytest_cuda_simt.log 150 env RESASPP_CUDA_KERNEL=simt RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} \
     python -m pytest tests -m cuda -k "not test_cuda_kernels and not test_triton_cuda" -q -p no:cacheprovider -rs
 }
 
@@ -201,9 +202,12 @@ xdist_args() {  # pytest-xdist's -n where it is installed (the GPU image has it)
   python -c "import xdist" 2>/dev/null && echo "-n ${PYTEST_WORKERS:-8}"
 }
 
+# Tests run the heuristic Triton configs unless they ask for autotuning themselves (test_triton_cuda.py's one
+# autotuned test does): tuning every test shape would cost minutes and test nothing more.
 phase_test_all() {
   # shellcheck disable=SC2046
-  step pytest-all pytest_all.log 540 python -m pytest tests -q -p no:cacheprovider -rs --durations=25 $(xdist_args)
+  step pytest-all pytest_all.log 540 env RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} \
+    python -m pytest tests -q -p no:cacheprovider -rs --durations=25 $(xdist_args)
 }
 
 phase_check() {
