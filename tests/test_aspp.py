@@ -239,3 +239,68 @@ def test_inference_weight_cache_follows_weight_updates():
         assert rel_err(fused(x), tv(x)) < 1e-10
         fused.load_state_dict(tv.state_dict())
         assert rel_err(fused(x), tv(x)) < 1e-10
+
+
+def test_inference_cache_follows_batchnorm_and_projection_updates():
+    """The folded epilogue and the projection's weight blocks, cached for inference, follow in-place updates of
+    the running statistics, the BN affine parameters, eps and the projection weight."""
+    tv, fused = twin_modules()
+    tv.eval()
+    fused.eval()
+    x = torch.randn(2, 12, 7, 8, dtype=torch.float64)
+    updates = [
+        lambda m: m.convs[1][1].running_mean.add_(0.5),
+        lambda m: m.convs[0][1].running_var.mul_(3.0),
+        lambda m: m.convs[3][1].weight.mul_(-1.0),
+        lambda m: m.convs[2][1].bias.add_(1.0),
+        lambda m: setattr(m.convs[1][1], "eps", 0.25),
+        lambda m: m.project[0].weight.mul_(0.5),
+    ]
+    with torch.no_grad():
+        assert rel_err(fused(x), tv(x)) < 1e-10
+        for update in updates:
+            for m in (tv, fused):
+                update(m)
+            assert rel_err(fused(x), tv(x)) < 1e-10
+
+
+def test_inference_cache_follows_new_tensors_even_at_a_reused_address():
+    """A new parameter tensor at the old one's address with the same version count (what .to() or .half()
+    can produce when the allocator hands back freed memory) must not be taken for the old one: the cache
+    keys on the tensor objects too. Built here on purpose: a new Parameter over the same storage, whose
+    values change through .data (which moves no version counter)."""
+    tv, fused = twin_modules()
+    tv.eval()
+    fused.eval()
+    x = torch.randn(2, 12, 7, 8, dtype=torch.float64)
+    with torch.no_grad():
+        fused.convs[1][0].weight = nn.Parameter(fused.convs[1][0].weight.data.clone())
+        fused(x)  # caches the stack, keyed on this weight at version 0
+        old = fused.convs[1][0].weight
+        fused.convs[1][0].weight = nn.Parameter(old.data)  # same address, version 0
+        fused.convs[1][0].weight.data.mul_(-1.0)
+        tv.convs[1][0].weight.mul_(-1.0)
+        assert fused.convs[1][0].weight.data_ptr() == old.data_ptr() and fused.convs[1][0].weight._version == 0
+        del old
+        assert rel_err(fused(x), tv(x)) < 1e-10
+
+
+def test_module_with_a_filled_cache_pickles_and_copies():
+    import io
+
+    tv, fused = twin_modules()
+    tv.eval()
+    fused.eval()
+    x = torch.randn(2, 12, 7, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y = fused(x)
+        buffer = io.BytesIO()
+        torch.save(fused, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        copied = copy.deepcopy(fused)
+        for m in (loaded, copied):
+            assert torch.equal(m(x), y)
+            m.convs[1][0].weight.mul_(-1.0)  # the copy's cache is its own
+            assert not torch.equal(m(x), y)
+        assert torch.equal(fused(x), y)

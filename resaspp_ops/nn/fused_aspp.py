@@ -1,6 +1,7 @@
 """FusedASPP: torchvision's ASPP with the 1x1 and atrous branches in one fused op."""
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 import torch
@@ -48,7 +49,7 @@ class FusedASPP(nn.Module):
         if backend != "auto":
             _backend.get(backend)  # ValueError for an unknown name
         self.backend = backend
-        self._w3x3_cache = None  # (weights' identity and versions, stacked weights); see _branch_weights
+        self._inference_cache: dict = {}  # name -> (key of its inputs, value); see _cached
         modules = [nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
                                  nn.BatchNorm2d(out_channels), nn.ReLU())]
         for rate in rates:
@@ -85,38 +86,69 @@ class FusedASPP(nn.Module):
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, rates={self.rates}, out_channels={self.out_channels}, backend={self.backend!r}"
 
-    def _branch_weights(self) -> tuple[Tensor, Tensor]:
-        """w1x1 [Co, C, 1, 1] and the atrous weights stacked into [B, Co, C, 3, 3].
+    def _cached(self, name: str, inputs: Sequence[Tensor], build):
+        """build(), computed once and reused while none of `inputs` changes, when nothing needs its autograd
+        graph; else build() every call.
 
-        Without autograd the stack is cached until a weight changes (its version counter moves):
-        at C=2048 it is a copy of tens of megabytes that inference would otherwise redo every call.
+        Inference would otherwise redo, on every call, work that depends only on weights and BatchNorm
+        statistics: at C=2048 the atrous stack is tens of megabytes of copies, and the folded epilogue is
+        some twenty tiny kernels (the whole cost on small maps). An entry holds for the same tensor objects
+        (weak references: .to() or .half() make new ones, even where the allocator hands back the old
+        address), the same storage (`.data = ...` swaps it) and the same version counters (in-place
+        updates: load_state_dict, an optimizer step, running statistics).
         """
-        w1x1 = self.convs[0][0].weight
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+            return build()
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in inputs)
+        entry = self._inference_cache.get(name)
+        if entry is None or entry[1] != key or any(ref() is not t for ref, t in zip(entry[0], inputs)):
+            with torch.no_grad():
+                entry = ([weakref.ref(t) for t in inputs], key, build())
+            self._inference_cache[name] = entry
+        return entry[2]
+
+    def __getstate__(self):
+        # The cache holds weak references, which do not pickle (torch.save of a whole module); it rebuilds.
+        state = self.__dict__.copy()
+        state["_inference_cache"] = {}
+        return state
+
+    def _branch_weights(self) -> tuple[Tensor, Tensor]:
+        """w1x1 [Co, C, 1, 1] and the atrous weights stacked into [B, Co, C, 3, 3] (cached for inference)."""
         weights = [branch[0].weight for branch in self.convs[1:-1]]
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
-            return w1x1, torch.stack(weights)
-        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
-        if self._w3x3_cache is None or self._w3x3_cache[0] != key:
-            # Each branch's [Co, C, 3, 3] slice laid out channels_last, the layout the kernels and
-            # oneDNN's NHWC convolutions read, so no backend re-lays it out on every call.
-            stacked = torch.stack([w.detach().permute(0, 2, 3, 1) for w in weights]).permute(0, 1, 4, 2, 3)
-            self._w3x3_cache = (key, stacked)
-        return w1x1, self._w3x3_cache[1]
+
+        def stack() -> Tensor:
+            if torch.compiler.is_compiling() or torch.is_grad_enabled():
+                return torch.stack(weights)
+            # Each branch's [Co, C, 3, 3] slice laid out channels_last, the layout the kernels and oneDNN's
+            # NHWC convolutions read, so no backend re-lays it out on every call.
+            return torch.stack([w.permute(0, 2, 3, 1) for w in weights]).permute(0, 1, 4, 2, 3)
+
+        return self.convs[0][0].weight, self._cached("w3x3", weights, stack)
+
+    def _bn_tensors(self, bns) -> list[Tensor]:
+        return [t for bn in bns for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]
 
     def _folded_epilogue(self) -> tuple[Tensor, Tensor]:
-        """Per-channel scale and shift [(1+B)*Co] of the branch BatchNorms in eval mode (differentiable)."""
-        scales, shifts = [], []
-        for branch in self.convs[:-1]:
-            bn = branch[1]
-            dtype = torch.float64 if bn.running_var.dtype == torch.float64 else torch.float32
-            inv_std = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-            scale = inv_std * bn.weight.to(dtype) if bn.weight is not None else inv_std
-            shift = -bn.running_mean.to(dtype) * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias.to(dtype)
-            scales.append(scale)
-            shifts.append(shift)
-        return torch.cat(scales), torch.cat(shifts)
+        """Per-channel scale and shift [(1+B)*Co] of the branch BatchNorms in eval mode (differentiable;
+        cached for inference)."""
+        bns = [branch[1] for branch in self.convs[:-1]]
+
+        def fold() -> tuple[Tensor, Tensor]:
+            scales, shifts = [], []
+            for bn in bns:
+                dtype = torch.float64 if bn.running_var.dtype == torch.float64 else torch.float32
+                inv_std = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+                scale = inv_std * bn.weight.to(dtype) if bn.weight is not None else inv_std
+                shift = -bn.running_mean.to(dtype) * scale
+                if bn.bias is not None:
+                    shift = shift + bn.bias.to(dtype)
+                scales.append(scale)
+                shifts.append(shift)
+            return torch.cat(scales), torch.cat(shifts)
+
+        # eps is a plain attribute, not a tensor: part of the key through the entry's name.
+        return self._cached("epilogue:" + ",".join(str(bn.eps) for bn in bns), self._bn_tensors(bns), fold)
 
     def _can_fold(self) -> bool:
         return all(not branch[1].training and branch[1].running_var is not None for branch in self.convs[:-1])
@@ -158,5 +190,8 @@ class FusedASPP(nn.Module):
         """
         weight = self.project[0].weight  # [Co, (2+B)*Co, 1, 1]
         k = branches.shape[1]
-        bias = F.conv2d(pooled, weight[:, k:])  # [N, Co, 1, 1]
-        return F.conv2d(branches, weight[:, :k]) + bias
+        # The two column blocks as dense tensors (a convolution copies a strided weight on every call).
+        w_branches, w_pooled = self._cached("project", [weight], lambda: (weight[:, :k].contiguous(),
+                                                                           weight[:, k:].contiguous()))
+        bias = F.conv2d(pooled, w_pooled)  # [N, Co, 1, 1]
+        return F.conv2d(branches, w_branches) + bias
