@@ -155,12 +155,13 @@ def test_plain_progress_stands_in_for_tqdm(capsys):
 
 def test_check_only_checks_every_provider_and_times_none(tmp_path):
     status = bench_main(["--device", "cpu", "--quick", "--presets", "unet-stare", "--levels", "branches",
-                         "--check-only", "--out-dir", str(tmp_path), "--tag", "check"])
+                         "--providers", "conv2d-eager,conv2d-eager-cl,fused-auto,fused-auto-compile",
+                         "--compile-mode", "default", "--check-only", "--out-dir", str(tmp_path), "--tag", "check"])
     assert status == 0
     doc = json.loads(next(tmp_path.glob("*_check.json")).read_text())
     assert doc["meta"]["check_only"] is True and doc["ceiling"]["bf16_matmul_tflops"] is None
     checked = [r for r in doc["rows"] if r["correct"] is not None]
-    assert {r["provider"] for r in checked} >= {"conv2d-eager", "conv2d-eager-cl", "fused-auto"}
+    assert {r["provider"] for r in checked} == {"conv2d-eager", "conv2d-eager-cl", "fused-auto", "fused-auto-compile"}
     assert all(r["correct"] is True for r in checked)
     assert all(r["median_ms"] is None and r["speedup_vs_best_baseline"] is None for r in doc["rows"])
     assert "Correctness check only" in next(tmp_path.glob("*_check.md")).read_text()

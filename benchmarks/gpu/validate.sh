@@ -234,13 +234,13 @@ phase_bench() {  # phase_bench NAME OUTDIR ARGS...
 }
 
 # The first benchmark run (benchmarks/README.md, "On a lent GPU"): bf16, module level, fwd and fwd+bwd, the
-# presets of issue 8's targets with both rate sets, all six providers. Two settings make it fit a session
+# presets of issue 8's targets with both rate sets, all seven providers. Two settings make it fit a session
 # (recorded in the JSON's meta): the Triton kernels run their heuristic configs (RESASPP_TRITON_AUTOTUNE=0:
 # autotuning costs tens of seconds a kernel and shape), and torch.compile runs mode "reduce-overhead"
 # (CUDA graphs, as max-autotune has, but no template search: minutes per case across 16 cases otherwise).
 FIRST_BENCH_ARGS=(--levels module --dtypes bfloat16 --modes fwd,fwd+bwd --rate-sets default,paper
   --presets voc-os16,voc-os8,cityscapes-os8,unet-stare
-  --providers torchvision-eager,torchvision-eager-cl,torchvision-compile,fused-triton,fused-cuda,fused-auto
+  --providers torchvision-eager,torchvision-eager-cl,torchvision-compile,fused-triton,fused-cuda,fused-auto,fused-auto-compile
   --compile-mode reduce-overhead --tag bf16-module)
 
 phase_bench_first() {  # phase_bench_first [--check-only]: the timed run, or its correctness sweep

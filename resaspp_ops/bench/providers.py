@@ -5,12 +5,15 @@ Level "module" (the whole ASPP):
     torchvision-eager-cl   the same in channels_last
     torchvision-compile    torch.compile(mode="max-autotune", or --compile-mode) of the channels_last module
     fused-triton / fused-cuda / fused-auto   FusedASPP(backend=...), channels_last input
+    fused-auto-compile     torch.compile (the baseline's mode) of FusedASPP(backend="auto"): what a user who
+                           compiles the model gets (the op stays one kernel; Inductor fuses what is around it)
 
 Level "branches" (the 1x1 + B atrous convolutions alone, output [N, (1+B)*Co, H, W]):
     conv2d-eager           1+B F.conv2d calls and the concat, NCHW (what torchvision's ASPP runs)
     conv2d-eager-cl        the same in channels_last
     conv2d-compile         torch.compile(mode="max-autotune") of the channels_last version
     fused-triton / fused-cuda / fused-auto   multi_rate_conv2d(backend=...), channels_last input
+    fused-auto-compile     torch.compile of multi_rate_conv2d(backend="auto")
 
 Fused providers get channels_last input, the kernels' native layout and the layout of the best
 baselines; a fused provider whose backend cannot run here is skipped with the backend's own reason,
@@ -35,7 +38,7 @@ BASELINES = {
     "module": ("torchvision-eager", "torchvision-eager-cl", "torchvision-compile"),
     "branches": ("conv2d-eager", "conv2d-eager-cl", "conv2d-compile"),
 }
-FUSED_BACKENDS = {"fused-triton": "triton", "fused-cuda": "cuda", "fused-auto": "auto"}
+FUSED_BACKENDS = {"fused-triton": "triton", "fused-cuda": "cuda", "fused-auto": "auto", "fused-auto-compile": "auto"}
 # The baseline whose error against float64 is the yardstick of DESIGN.md section 5's rule.
 YARDSTICK = {"module": "torchvision-eager", "branches": "conv2d-eager"}
 ALL_PROVIDERS = tuple(dict.fromkeys(p for level in LEVELS for p in BASELINES[level] + tuple(FUSED_BACKENDS)))

@@ -47,7 +47,7 @@ def markdown(doc: dict) -> str:
     ]
     lines += [_table_row(r) for r in rows if r["correct"] is not None]
     auto = sorted({f"{r['dtype']}: {r['note'].split(';')[0]}" for r in rows
-                   if r["provider"] == "fused-auto" and r["note"].startswith("auto ->")})
+                   if r["provider"].startswith("fused-auto") and r["note"].startswith("auto ->")})
     if auto:
         lines += ["", "fused-auto ran " + ", ".join(auto) + "."]
     skipped = Counter(f"{r['provider']}: {r['note'].removeprefix('skipped: ')}" for r in rows if r["correct"] is None)
