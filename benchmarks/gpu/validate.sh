@@ -23,6 +23,8 @@
 #   bench-first  the first benchmark run's argument set (FIRST_BENCH_ARGS below), files tagged bf16-module
 #   bench-second the branch level's run (SECOND_BENCH_ARGS), for a short second call on the warm machine
 #
+# VALIDATE_BENCH_DEVICE=cpu runs the bench phases on the CPU: a dry run of this script where no GPU is.
+#
 # Phases share one deadline, VALIDATE_BUDGET_S seconds (default 560) from the start: each step gets what
 # is left (or its own cap), is stopped by `timeout` when it runs over, and the rest are reported as
 # skipped. At the end every log goes into $OUT/logs.tar.gz: the device tool brings back at most 8 files,
@@ -229,7 +231,7 @@ phase_bench() {  # phase_bench NAME OUTDIR ARGS...
   # case, so even a run stopped by `timeout` leaves them.
   local budget=()
   [[ " $* " == *" --time-budget"* ]] || budget=(--time-budget $(( $(left) - 60 )))
-  step "$name" "$name.log" 580 python -m resaspp_ops.cli bench --device cuda --out-dir "$out_dir" \
+  step "$name" "$name.log" 580 python -m resaspp_ops.cli bench --device "${VALIDATE_BENCH_DEVICE:-cuda}" --out-dir "$out_dir" \
     "${budget[@]}" "$@"
 }
 
@@ -238,15 +240,24 @@ phase_bench() {  # phase_bench NAME OUTDIR ARGS...
 # (recorded in the JSON's meta): the Triton kernels run their heuristic configs (RESASPP_TRITON_AUTOTUNE=0:
 # autotuning costs tens of seconds a kernel and shape), and torch.compile runs mode "reduce-overhead"
 # (CUDA graphs, as max-autotune has, but no template search: minutes per case across 16 cases otherwise).
+FIRST_BENCH_PRESETS="voc-os16 voc-os8 cityscapes-os8 unet-stare"
 FIRST_BENCH_ARGS=(--levels module --dtypes bfloat16 --modes fwd,fwd+bwd --rate-sets default,paper
-  --presets voc-os16,voc-os8,cityscapes-os8,unet-stare
+  --presets "${FIRST_BENCH_PRESETS// /,}"
   --providers torchvision-eager,torchvision-eager-cl,torchvision-compile,fused-triton,fused-cuda,fused-auto,fused-auto-compile
   --compile-mode reduce-overhead --tag bf16-module)
 
 phase_bench_first() {  # phase_bench_first [--check-only]: the timed run, or its correctness sweep
   if [[ "${1:-}" == --check-only ]]; then
-    RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} phase_bench bench-check "$OUT/check_only" \
-      "${FIRST_BENCH_ARGS[@]}" --check-only
+    # One process a preset: torch.compile's front end is single-threaded, so the compiles (one per compiled
+    # provider and case, what the timed run would otherwise wait for) go four at a time. A later --presets
+    # or --tag overrides the one in FIRST_BENCH_ARGS.
+    local preset pids=()
+    for preset in $FIRST_BENCH_PRESETS; do
+      RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} phase_bench "bench-check-$preset" "$OUT/check_only" \
+        "${FIRST_BENCH_ARGS[@]}" --presets "$preset" --tag "check-$preset" --check-only &
+      pids+=($!)
+    done
+    wait "${pids[@]}"
   else
     RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} phase_bench bench-first "$OUT/results" \
       "${FIRST_BENCH_ARGS[@]}"
