@@ -330,6 +330,37 @@ def test_interpreter_numpy_conflict_is_named(monkeypatch):
     check.cache_clear()
 
 
+def test_fused_aspp_inference_hands_the_kernels_their_layout(monkeypatch):
+    """FusedASPP(backend="triton") in eval without autograd: matches torchvision's ASPP, and the forward launch
+    reads the module's cached K-major weights as they are (the backend's re-layout is a view, not a copy)."""
+    from torchvision.models.segmentation.deeplabv3 import ASPP
+
+    torch.manual_seed(0)
+    tv = ASPP(12, [1, 3], 8).eval()
+    for m in tv.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+    fused = resaspp_ops.FusedASPP(12, [1, 3], 8, backend="triton").eval()
+    fused.load_state_dict(tv.state_dict())
+    x = torch.randn(2, 12, 6, 7)
+    k = triton_backend._kernels()
+    seen = []
+    real_run = k.forward.run
+
+    def run(xh, w1p, w3p, *args, **kwargs):
+        seen.append((w1p.data_ptr(), w3p.data_ptr()))
+        return real_run(xh, w1p, w3p, *args, **kwargs)
+
+    monkeypatch.setattr(k.forward, "run", run)
+    with torch.no_grad():
+        y = fused(x)
+        w1_kc, w3_kc = fused._inference_cache["weights:k-major"][2]
+        assert seen == [(w1_kc.data_ptr(), w3_kc.data_ptr())]
+        ref = tv(x)
+    assert (y - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
 def test_named_backend_never_stands_in():
     x, w1, w3, _, _ = make_problem(Problem(1, 4, 4, 3, 3, (1,)), torch.float64)
     with pytest.raises(RuntimeError, match="float64"):

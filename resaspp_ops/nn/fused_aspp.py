@@ -86,9 +86,16 @@ class FusedASPP(nn.Module):
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, rates={self.rates}, out_channels={self.out_channels}, backend={self.backend!r}"
 
+    def _cacheable(self, inputs: Sequence[Tensor]) -> bool:
+        """Whether values derived from `inputs` may be cached: nothing needs their autograd graph, and no
+        graph is being traced (under torch.compile the derivation belongs in the graph)."""
+        if torch.compiler.is_compiling():
+            return False
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
+
     def _cached(self, name: str, inputs: Sequence[Tensor], build):
-        """build(), computed once and reused while none of `inputs` changes, when nothing needs its autograd
-        graph; else build() every call.
+        """build(), computed once and reused while none of `inputs` changes, where _cacheable; else build()
+        every call.
 
         Inference would otherwise redo, on every call, work that depends only on weights and BatchNorm
         statistics: at C=2048 the atrous stack is tens of megabytes of copies, and the folded epilogue is
@@ -97,7 +104,7 @@ class FusedASPP(nn.Module):
         address), the same storage (`.data = ...` swaps it) and the same version counters (in-place
         updates: load_state_dict, an optimizer step, running statistics).
         """
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+        if not self._cacheable(inputs):
             return build()
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in inputs)
         entry = self._inference_cache.get(name)
@@ -113,18 +120,25 @@ class FusedASPP(nn.Module):
         state["_inference_cache"] = {}
         return state
 
-    def _branch_weights(self) -> tuple[Tensor, Tensor]:
-        """w1x1 [Co, C, 1, 1] and the atrous weights stacked into [B, Co, C, 3, 3] (cached for inference)."""
+    def _branch_weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """w1x1 [Co, C, 1, 1] and the atrous weights stacked into [B, Co, C, 3, 3].
+
+        For inference the stack is cached (_cached), laid out for the backend that will read it, so that
+        its own re-layout is a view: K-major ([C, Co] and [B, 3, 3, C, Co] underneath) for the Triton
+        kernels, each branch channels_last for the others (cuDNN's and oneDNN's NHWC convolutions; the cuda
+        backend's packing reads either).
+        """
+        w1x1 = self.convs[0][0].weight
         weights = [branch[0].weight for branch in self.convs[1:-1]]
-
-        def stack() -> Tensor:
-            if torch.compiler.is_compiling() or torch.is_grad_enabled():
-                return torch.stack(weights)
-            # Each branch's [Co, C, 3, 3] slice laid out channels_last, the layout the kernels and oneDNN's
-            # NHWC convolutions read, so no backend re-lays it out on every call.
-            return torch.stack([w.permute(0, 2, 3, 1) for w in weights]).permute(0, 1, 4, 2, 3)
-
-        return self.convs[0][0].weight, self._cached("w3x3", weights, stack)
+        if not self._cacheable([w1x1] + weights):
+            return w1x1, torch.stack(weights)
+        if _backend.resolve(self.backend, x.device, x.dtype) == "triton":
+            co, c = w1x1.shape[:2]
+            w1_kc, w3_kc = self._cached("weights:k-major", [w1x1] + weights, lambda: (
+                w1x1.reshape(co, c).t().contiguous(), torch.stack([w.permute(2, 3, 1, 0) for w in weights])))
+            return w1_kc.t()[:, :, None, None], w3_kc.permute(0, 4, 3, 1, 2)
+        return w1x1, self._cached("weights:channels-last", weights, lambda: torch.stack(
+            [w.permute(0, 2, 3, 1) for w in weights]).permute(0, 1, 4, 2, 3))
 
     def _bn_tensors(self, bns) -> list[Tensor]:
         return [t for bn in bns for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]
@@ -169,7 +183,7 @@ class FusedASPP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_batch(x)
-        w1x1, w3x3 = self._branch_weights()
+        w1x1, w3x3 = self._branch_weights(x)
         if self._can_fold():
             scale, shift = self._folded_epilogue()
             parts = [multi_rate_conv2d(x, w1x1, w3x3, self.rates, scale, shift, relu=True, backend=self.backend)]
