@@ -18,6 +18,12 @@ else
 fi
 rm -rf .gpu_tools/git
 cp -r "$(git rev-parse --git-dir)" .gpu_tools/git
+# pyproject.toml needs setuptools >= 77 and the GPU image cannot download: a wheel travels, and validate.sh
+# installs it there only if the image's setuptools is older.
+rm -rf .gpu_tools/wheels
+if ! python -m pip download -q --no-deps --only-binary=:all: "setuptools>=77" -d .gpu_tools/wheels; then
+  echo "prepare: no setuptools wheel could be fetched; the build there relies on the image's setuptools" >&2
+fi
 du -sh .gpu_tools >&2
 echo "device call: carry [\".gpu_tools\"], timeout_s 600, command:"
 echo "  RESASPP_BENCH_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu/validate.sh session"

@@ -156,11 +156,25 @@ EOF
 
 have_c() { python -c "import resaspp_ops._C" 2>/dev/null; }
 
+ensure_setuptools() {  # pyproject.toml needs setuptools >= 77; prepare.sh carries a wheel for an older image
+  python -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" 2>/dev/null && return 0
+  local whl; whl=$(ls .gpu_tools/wheels/setuptools-*.whl 2>/dev/null | head -n 1)
+  if [[ -z "$whl" ]]; then
+    echo "build: setuptools < 77 here and no carried wheel (benchmarks/gpu/prepare.sh): the build will fail" \
+      | tee -a "$summary"
+    return 1
+  fi
+  python -m pip install -q --no-index --no-deps --target /tmp/resaspp_setuptools "$whl" \
+    && export PYTHONPATH="/tmp/resaspp_setuptools:$PYTHONPATH" \
+    && echo "build: the image's setuptools is < 77: using the carried $(basename "$whl")" | tee -a "$summary"
+}
+
 phase_build() {
   if have_c; then
     echo "build: resaspp_ops._C already importable, not rebuilt" | tee -a "$summary"
   else
     find_cuda_home || echo "build: no nvcc on PATH or under /usr/local/cuda*: the build will fail" | tee -a "$summary"
+    ensure_setuptools
     step build build.log 480 env RESASPP_FORCE_CUDA=1 RESASPP_PTXAS_VERBOSE=1 \
       python -m pip install --no-build-isolation --no-deps --no-index -e . \
       || { have_c || step build-inplace build_inplace.log 300 env RESASPP_FORCE_CUDA=1 \
