@@ -12,7 +12,7 @@ fi
 mkdir -p .gpu_tools
 check=${ASPP_GPU_CHECK:-../shared/tools/aspp_gpu_check.py}
 if [[ -f "$check" ]]; then
-  cp "$check" .gpu_tools/aspp_gpu_check.py
+  install -m 0644 "$check" .gpu_tools/aspp_gpu_check.py
 else
   echo "prepare: $check not found: the check phase will report it missing" >&2
 fi
