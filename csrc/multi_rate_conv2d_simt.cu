@@ -405,7 +405,10 @@ std::vector<at::Tensor> multi_rate_conv2d_backward_cuda(const at::Tensor& grad_i
       });
     }
     grad_w1x1 = dw[0].reshape({Co, C, 1, 1}).to(x.scalar_type());
-    grad_w3x3 = dw.slice(0, 1).reshape({B, 3, 3, Co, C}).permute({0, 3, 4, 1, 2}).contiguous().to(x.scalar_type());
+    // One strided copy from the [tap, Co, C] accumulators into the weights' dtype and layout: no intermediate
+    // of the weights' size in fp32 (56 MiB at C=2048, Co=256, B=3) at the peak of the backward.
+    grad_w3x3 = at::empty({B, Co, C, 3, 3}, x.options());
+    grad_w3x3.permute({0, 3, 4, 1, 2}).copy_(dw.slice(0, 1).reshape({B, 3, 3, Co, C}));
   }
   return {grad_x, grad_w1x1, grad_w3x3};
 }

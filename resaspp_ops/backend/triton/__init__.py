@@ -293,9 +293,15 @@ def backward(grad, x, w1x1, w3x3, rates, need_x, need_w):
         grad_x = _dgrad(k, g, x, w1x1, w3x3, rates, rates_t, key)
     if need_w:
         flat = _wgrad(k, g, x, rates, rates_t, key, co)
-        grad_w1x1 = flat[:, :co].t().reshape(co, c, 1, 1).to(w1x1.dtype).contiguous()
-        centre = flat[:, co:gc].reshape(c, b, co).permute(1, 2, 0).unsqueeze(-1)   # [B, Co, C, 1]
-        taps = flat[:, gc:].reshape(c, b, 8, co).permute(1, 3, 0, 2)              # [B, Co, C, 8]
-        grad_w3x3 = torch.cat([taps[..., :4], centre, taps[..., 4:]], dim=-1).reshape(b, co, c, 3, 3)
-        grad_w3x3 = grad_w3x3.to(w3x3.dtype).contiguous()
+        # Straight from the fp32 columns into the weights' dtype and layout, one strided copy each: no fp32
+        # intermediate of the weights' size (56 MiB at C=2048, Co=256, B=3) at the peak of the backward.
+        grad_w1x1 = torch.empty((co, c, 1, 1), dtype=w1x1.dtype, device=x.device)
+        grad_w1x1.view(co, c).copy_(flat[:, :co].t())
+        grad_w3x3 = torch.empty((b, co, c, 3, 3), dtype=w3x3.dtype, device=x.device)
+        by_tap = grad_w3x3.view(b, co, c, 9)                                      # tap ky * 3 + kx
+        taps = flat[:, gc:].reshape(c, b, 8, co).permute(1, 3, 0, 2)              # [B, Co, C, 8]: the other taps
+        by_tap[..., 4].copy_(flat[:, co:gc].reshape(c, b, co).permute(1, 2, 0))   # [B, Co, C]: the centre tap
+        by_tap[..., :4].copy_(taps[..., :4])
+        by_tap[..., 5:].copy_(taps[..., 4:])
+        del flat, taps
     return grad_x, grad_w1x1, grad_w3x3
