@@ -265,8 +265,10 @@ phase_bench_first() {  # phase_bench_first [--check-only]: the timed run, or its
     # One process a preset: torch.compile's front end is single-threaded, so the compiles (one per compiled
     # provider and case, what the timed run would otherwise wait for) go four at a time. A later --presets
     # or --tag overrides the one in FIRST_BENCH_ARGS.
+    # Four such processes next to pytest's workers: Inductor's pool of compile workers kept to 4 each.
     local preset pids=()
     for preset in $FIRST_BENCH_PRESETS; do
+      TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-4} \
       RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} phase_bench "bench-check-$preset" "$OUT/check_only" \
         "${FIRST_BENCH_ARGS[@]}" --presets "$preset" --tag "check-$preset" --check-only &
       pids+=($!)
