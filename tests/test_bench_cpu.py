@@ -190,3 +190,32 @@ def test_check_only_checks_every_provider_and_times_none(tmp_path):
     assert all(r["correct"] is True for r in checked)
     assert all(r["median_ms"] is None and r["speedup_vs_best_baseline"] is None for r in doc["rows"])
     assert "Correctness check only" in next(tmp_path.glob("*_check.md")).read_text()
+
+
+@pytest.mark.parametrize("with_compiled_baseline", [True, False], ids=["with", "without"])
+def test_a_compiled_fused_provider_answers_for_its_own_error(tmp_path, monkeypatch, with_compiled_baseline):
+    """fused-auto-compile's bound comes from the worse of eager and the compiled baseline of the case (the
+    compiler's own rounding of the ops around the fused op is PyTorch's); without that baseline, from eager."""
+    from resaspp_ops.bench import suite
+
+    real_build = suite.build
+    off_by = {"conv2d-compile": 1.01, "fused-auto-compile": 1.015}
+
+    def build_inexact(level, provider, *args, **kwargs):
+        runner = real_build(level, provider, *args, **kwargs)
+        if provider in off_by:
+            right = runner.fn
+            runner.fn = lambda x, f=off_by[provider]: right(x) * f
+        return runner
+
+    monkeypatch.setattr(suite, "build", build_inexact)
+    providers = "conv2d-eager,conv2d-compile,fused-auto-compile" if with_compiled_baseline else \
+        "conv2d-eager,fused-auto-compile"
+    status = bench_main(["--device", "cpu", "--quick", "--presets", "unet-stare", "--levels", "branches",
+                         "--modes", "fwd", "--providers", providers, "--compile-mode", "default", "--check-only",
+                         "--out-dir", str(tmp_path)])
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    fused = next(r for r in rows if r["provider"] == "fused-auto-compile")
+    assert fused["correct"] is with_compiled_baseline, fused
+    assert status == (0 if with_compiled_baseline else 1)
+    assert ("compiled baseline" in fused["note"]) is with_compiled_baseline

@@ -104,6 +104,7 @@ def run_case(case: Case, providers: list, requested: Optional[list], device: tor
         return rows
 
     macs = case.macs()
+    compiled_yardstick = None  # the compiled baseline's result, once it ran: see correctness.check
     for row in rows:
         provider = row["provider"]
         progress.set_postfix_str(f"{case.label()} {provider}", refresh=False)
@@ -125,8 +126,14 @@ def run_case(case: Case, providers: list, requested: Optional[list], device: tor
             if provider == YARDSTICK[case.level]:
                 correct, detail = True, "yardstick of the error rule"
             else:
-                verdict = check(result, ref64, yardstick, case.dtype)
+                compiled_fused = is_compiled(provider) and not is_baseline(provider)
+                verdict = check(result, ref64, yardstick, case.dtype,
+                                compiled_yardstick if compiled_fused else None)
                 correct, detail = verdict.correct, verdict.detail
+                if compiled_fused and compiled_yardstick is not None:
+                    detail += " (bound from the worse of eager and the compiled baseline)"
+            if is_compiled(provider) and is_baseline(provider):
+                compiled_yardstick = result
             row["correct"] = correct
             row["note"] = "; ".join(t for t in (runner.note, detail) if t)
             # A fused provider with a wrong result is never timed. A baseline is PyTorch itself, what users
