@@ -7,10 +7,10 @@
 #   bash benchmarks/gpu/validate.sh PHASE [PHASE...] [bench ARGS...]
 #
 #   session    the whole plan of a GPU session in ONE call (a session has 15 minutes of device time):
-#              build; then at once, for SESSION_GROUP_S seconds (default 200): the whole pytest suite
-#              (xdist), compute-sanitizer, and bench-first's cases with --check-only (their correctness on
-#              every provider, and warm Triton / Inductor compile caches for the timed run); then alone on
-#              the GPU: check, and bench-first with what is left of the deadline
+#              build; then at once, for SESSION_GROUP_S seconds (default 200): pytest -m cuda (xdist),
+#              compute-sanitizer, and bench-first's cases with --check-only (their correctness on every
+#              provider, and warm Triton / Inductor compile caches for the timed run); then alone on the
+#              GPU: check, and bench-first; last, pytest -m "not cuda" with what is left of the deadline
 #   env        versions, nvidia-smi, the toolkit found, pip list (seconds; every phase starts with it)
 #   build      build resaspp_ops._C (pip install -e, else setup.py build_ext --inplace)
 #   test-cuda  pytest -m cuda (the device-parametrised tests' cuda cases carry the marker), then
@@ -220,10 +220,16 @@ xdist_args() {  # pytest-xdist's -n where it is installed (the GPU image has it)
 
 # Tests run the heuristic Triton configs unless they ask for autotuning themselves (test_triton_cuda.py's one
 # autotuned test does): tuning every test shape would cost minutes and test nothing more.
-phase_test_all() {
+phase_test_all() {  # phase_test_all [MARKER EXPRESSION]: the whole suite, or the tests the expression selects
+  local select=() name=pytest-all log=pytest_all.log
+  if [[ -n "${1:-}" ]]; then
+    select=(-m "$1")
+    name="pytest-m-${1// /-}"
+    log="pytest_m_${1// /_}.log"
+  fi
   # shellcheck disable=SC2046
-  step pytest-all pytest_all.log 540 env RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} \
-    python -m pytest tests -q -p no:cacheprovider -rs --durations=25 $(xdist_args)
+  step "$name" "$log" 540 env RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} \
+    python -m pytest tests "${select[@]}" -q -p no:cacheprovider -rs --durations=25 $(xdist_args)
 }
 
 phase_check() {
@@ -293,7 +299,7 @@ phase_session() {
   # deadline; the compile caches the check-only sweep fills (~/.triton, /tmp/torchinductor_*) are on disk,
   # so the timed run's compiles after it are mostly cache hits.
   GROUP_END=$((SECONDS + ${SESSION_GROUP_S:-200}))
-  phase_test_all &
+  phase_test_all cuda &
   local p_test=$!
   phase_sanitize &
   local p_san=$!
@@ -304,6 +310,8 @@ phase_session() {
   # Alone on the GPU from here: these two time things.
   phase_check
   phase_bench_first
+  # The rest of the suite (CI runs it too, without a GPU) with whatever time is left.
+  phase_test_all "not cuda"
 }
 
 if (( $# == 0 )); then
