@@ -20,16 +20,17 @@ pytest.importorskip("triton.backends.nvidia")
 _SCRIPT = r"""
 import dataclasses, json, sys, torch
 from resaspp_ops.backend.triton import lowering
-name, n, c, co, h, w, rates, dtype = json.loads(sys.argv[1])
-launches = lowering.lower(n, c, co, h, w, tuple(rates), getattr(torch, dtype))
+name, n, c, co, h, w, rates, dtype, autotune = json.loads(sys.argv[1])
+launches = lowering.lower(n, c, co, h, w, tuple(rates), getattr(torch, dtype), autotune=autotune)
 print(json.dumps([dataclasses.asdict(l) for l in launches]))
 """
 
 
-def _lower(name, n, c, co, h, w, rates, dtype):
+def _lower(name, n, c, co, h, w, rates, dtype, autotune=False):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps([name, n, c, co, h, w, rates, dtype])],
-                          env=env, capture_output=True, text=True, timeout=900)
+    args = json.dumps([name, n, c, co, h, w, rates, dtype, autotune])
+    done = subprocess.run([sys.executable, "-c", _SCRIPT, args], env=env, capture_output=True, text=True,
+                          timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -72,3 +73,15 @@ def test_float32_and_small_maps_compile_within_shared_memory():
                  ("unet-stare", 4, 64, 16, 8, 8, [12, 24, 36], "float32")):
         for launch in _lower(*case):
             assert launch["error"] is None and not launch["problems"], (case, launch)
+
+
+def test_every_autotuning_candidate_at_voc_os16_compiles():
+    """RESASPP_TRITON_AUTOTUNE=1 (the default on a GPU) tries every pruned config: a compile error in one would
+    end the tuning and the call. (Past the shared-memory limit is fine there: the autotuner skips it.)"""
+    launches = _lower("voc-os16", 8, 2048, 256, 33, 33, [6, 12, 18], "bfloat16", autotune=True)
+    kernels = _kernels(launches)
+    assert kernels.count("_forward_kernel") > 2 and kernels.count("_dgrad_kernel") > 2, kernels
+    assert kernels.count("_wgrad_kernel") > 2, kernels
+    for launch in launches:
+        assert launch["error"] is None and not launch["problems"], launch
+        assert launch["wgmma"], launch

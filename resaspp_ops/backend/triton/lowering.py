@@ -126,33 +126,53 @@ def _compile_instead_of_launch(arch: int, launches: list):
 
 
 @contextlib.contextmanager
-def _host_without_gpu(arch: int):
-    """The backend's host code on fake CUDA tensors: no device context, the target's SM count, no autotuning."""
+def _host_without_gpu(arch: int, autotune: bool):
+    """The backend's host code on fake CUDA tensors: no device context, the target's SM count; without
+    autotune the heuristic configs, with it every config the autotuner would time (each compiled once, the
+    first one "wins": nothing can be timed here)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from triton.runtime.autotuner import Autotuner
 
     if triton_backend.kernels_mode() == "interpreted" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("the Triton kernels are (or would be) interpreted in this process: unset TRITON_INTERPRET")
     k = triton_backend._kernels()
     saved = (triton_backend._device_guard, k.configs.sm_count, k.configs.autotune_enabled)
+    saved_tuner = (Autotuner.do_bench, Autotuner.check_disk_cache)
     triton_backend._device_guard = lambda t: contextlib.nullcontext()
     k.configs.sm_count = lambda index: SM_COUNT.get(arch, 132)
-    k.configs.autotune_enabled = lambda device: False  # the heuristic configs: what a launch without tuning runs
+    k.configs.autotune_enabled = lambda device: autotune
+
+    def compile_once(kernel_call, quantiles=None):
+        kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    def no_disk_cache(self, tuning_key, configs, bench_fn):
+        bench_fn()
+        return False
+
+    Autotuner.do_bench = property(lambda self: compile_once)
+    Autotuner.check_disk_cache = no_disk_cache
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             yield
     finally:
         triton_backend._device_guard, k.configs.sm_count, k.configs.autotune_enabled = saved
+        Autotuner.do_bench, Autotuner.check_disk_cache = saved_tuner
         triton_backend._rates_tensor.cache_clear()  # it cached fake tensors
 
 
 def lower(n: int, c: int, co: int, h: int, w: int, rates: tuple, dtype: torch.dtype, backward: bool = True,
-          epilogue: bool = True, arch: int = 90) -> list[Launch]:
+          epilogue: bool = True, arch: int = 90, autotune: bool = False) -> list[Launch]:
     """The launches of one forward (and backward: dgrad + wgrad) on x [n, c, h, w] channels_last, compiled for
     sm_<arch>: Launch.problems says what would fail (no compile, shared memory past the target's limit),
-    Launch.warnings what would be slow (spills; a tensor-core kernel whose K loop is not pipelined)."""
+    Launch.warnings what would be slow (spills; a tensor-core kernel whose K loop is not pipelined).
+
+    autotune: every config the autotuner would try instead of the heuristic one; there a config past the
+    shared-memory limit is only a warning (the autotuner skips what does not fit), a compile error still a
+    problem (it would end the tuning, and the call)."""
     launches: list[Launch] = []
     b = len(rates)
-    with _host_without_gpu(arch), _compile_instead_of_launch(arch, launches):
+    with _host_without_gpu(arch, autotune), _compile_instead_of_launch(arch, launches):
         dev = torch.device("cuda", 0)
         x = torch.empty((n, c, h, w), dtype=dtype, device=dev).contiguous(memory_format=torch.channels_last)
         w1 = torch.empty((co, c, 1, 1), dtype=dtype, device=dev)
@@ -167,7 +187,9 @@ def lower(n: int, c: int, co: int, h: int, w: int, rates: tuple, dtype: torch.dt
             launch.problems.append("does not compile")
             continue
         if launch.shared is not None and launch.shared > SHARED_LIMIT.get(arch, SHARED_LIMIT[90]):
-            launch.problems.append(f"{launch.shared} B of shared memory, over sm_{arch}'s {SHARED_LIMIT[arch]}")
+            over = f"{launch.shared} B of shared memory, over sm_{arch}'s {SHARED_LIMIT[arch]}"
+            (launch.warnings if autotune else launch.problems).append(over + (" (skipped by the autotuner)"
+                                                                              if autotune else ""))
         if launch.spills:
             launch.warnings.append(f"{launch.spills} B spilled")
         if launch.wgmma and not launch.pipelined:
@@ -206,6 +228,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="voc-os16 and unet-stare only (else every preset, "
                         "both rate sets, and the GPU tests' awkward shapes)")
     parser.add_argument("--dtypes", default="bfloat16,float16,float32")
+    parser.add_argument("--autotune", action="store_true",
+                        help="every config the autotuner would try (RESASPP_TRITON_AUTOTUNE=1, the default on a "
+                             "GPU) instead of the heuristic one")
     args = parser.parse_args(argv)
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     cases = _sweep_cases(args.quick)
@@ -213,7 +238,7 @@ def main(argv=None) -> int:
     print(f"{'case':34s} {'dtype':9s} {'kernel':15s} {'meta':58s} warps stages  smem KiB regs spill wgmma pipe")
     for name, n, c, co, h, w, rates in cases:
         for dtype in dtypes:
-            for launch in lower(n, c, co, h, w, rates, dtype, arch=args.arch):
+            for launch in lower(n, c, co, h, w, rates, dtype, arch=args.arch, autotune=args.autotune):
                 meta = ",".join(f"{k}={v}" for k, v in launch.meta.items()
                                 if k in ("BLOCK_M", "TILE_W", "BLOCK_N", "BLOCK_K", "BLOCK_C", "BLOCK_P", "NR",
                                          "HAS_1X1", "IDX64", "FLAT"))
