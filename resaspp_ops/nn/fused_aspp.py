@@ -49,7 +49,7 @@ class FusedASPP(nn.Module):
         if backend != "auto":
             _backend.get(backend)  # ValueError for an unknown name
         self.backend = backend
-        self._inference_cache: dict = {}  # name -> (key of its inputs, value); see _cached
+        self._inference_cache: dict = {}  # name -> (weak refs to its inputs, their key, value); see _cached
         modules = [nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
                                  nn.BatchNorm2d(out_channels), nn.ReLU())]
         for rate in rates:
