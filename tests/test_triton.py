@@ -361,6 +361,43 @@ def test_fused_aspp_inference_hands_the_kernels_their_layout(monkeypatch):
     assert (y - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
+def test_fused_aspp_training_matches_torchvision_with_k_major_weights(monkeypatch):
+    """FusedASPP(backend="triton") in training: the same output, input grad and weight grads as torchvision's
+    ASPP, with the atrous weights stacked K-major so that the forward's re-layout is a view of that stack."""
+    from torchvision.models.segmentation.deeplabv3 import ASPP
+
+    torch.manual_seed(0)
+    tv = ASPP(8, [1, 3], 8).train()
+    fused = resaspp_ops.FusedASPP(8, [1, 3], 8, backend="triton").train()
+    fused.load_state_dict(tv.state_dict())
+    for m in (tv, fused):
+        m.project[3].p = 0.0  # dropout off: the same function on both sides
+    k = triton_backend._kernels()
+    shared = []
+    real_forward, real_run = triton_backend.forward, k.forward.run
+
+    def forward(x, w1x1, w3x3, *args):
+        shared.append(w3x3.data_ptr())
+        return real_forward(x, w1x1, w3x3, *args)
+
+    def run(xh, w1p, w3p, *args, **kwargs):
+        shared.append(w3p.data_ptr())
+        return real_run(xh, w1p, w3p, *args, **kwargs)
+
+    monkeypatch.setattr(triton_backend, "forward", forward)
+    monkeypatch.setattr(k.forward, "run", run)
+    x = torch.randn(2, 8, 5, 6)
+    outs = []
+    for m in (tv, fused):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        grads = torch.autograd.grad(y.square().sum(), [xi] + [m.convs[i][0].weight for i in range(3)])
+        outs.append((y,) + grads)
+    assert len(shared) == 2 and shared[0] == shared[1], shared
+    for got, want in zip(outs[1], outs[0]):
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max(), (got - want).abs().max()
+
+
 def test_named_backend_never_stands_in():
     x, w1, w3, _, _ = make_problem(Problem(1, 4, 4, 3, 3, (1,)), torch.float64)
     with pytest.raises(RuntimeError, match="float64"):

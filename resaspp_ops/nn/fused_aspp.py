@@ -123,16 +123,24 @@ class FusedASPP(nn.Module):
     def _branch_weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """w1x1 [Co, C, 1, 1] and the atrous weights stacked into [B, Co, C, 3, 3].
 
-        For inference the stack is cached (_cached), laid out for the backend that will read it, so that
-        its own re-layout is a view: K-major ([C, Co] and [B, 3, 3, C, Co] underneath) for the Triton
-        kernels, each branch channels_last for the others (cuDNN's and oneDNN's NHWC convolutions; the cuda
-        backend's packing reads either).
+        The stack is laid out for the backend that will read it, so that its own re-layout is a view:
+        K-major ([B, 3, 3, C, Co] underneath, and w1x1 as [C, Co] when cached) for the Triton kernels, each
+        branch channels_last for the others (cuDNN's and oneDNN's NHWC convolutions; the cuda backend's
+        packing reads either). For inference it is cached (_cached); under torch.compile it is a plain stack
+        in the graph.
         """
         w1x1 = self.convs[0][0].weight
         weights = [branch[0].weight for branch in self.convs[1:-1]]
-        if not self._cacheable([w1x1] + weights):
+        if torch.compiler.is_compiling():
             return w1x1, torch.stack(weights)
-        if _backend.resolve(self.backend, x.device, x.dtype) == "triton":
+        k_major = _backend.resolve(self.backend, x.device, x.dtype) == "triton"
+        if not self._cacheable([w1x1] + weights):
+            # Training: the stack is a copy either way; made K-major, it is the only one (the Triton backend's
+            # re-layout is then a view).
+            if k_major:
+                return w1x1, torch.stack([w.permute(2, 3, 1, 0) for w in weights]).permute(0, 4, 3, 1, 2)
+            return w1x1, torch.stack(weights)
+        if k_major:
             co, c = w1x1.shape[:2]
             w1_kc, w3_kc = self._cached("weights:k-major", [w1x1] + weights, lambda: (
                 w1x1.reshape(co, c).t().contiguous(), torch.stack([w.permute(2, 3, 1, 0) for w in weights])))
