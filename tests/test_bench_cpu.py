@@ -219,3 +219,26 @@ def test_a_compiled_fused_provider_answers_for_its_own_error(tmp_path, monkeypat
     assert fused["correct"] is with_compiled_baseline, fused
     assert status == (0 if with_compiled_baseline else 1)
     assert ("compiled baseline" in fused["note"]) is with_compiled_baseline
+
+
+def test_gpu_call_digest_reads_the_suite_and_check_files(cpu_run, tmp_path):
+    """benchmarks/gpu/digest.py, printed last by a GPU call: a line per case from the suite's JSON, the check's
+    bad parity rows and timings."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, out_dir = cpu_run
+    (tmp_path / "results").mkdir()
+    shutil.copy(next(out_dir.glob("*.json")), tmp_path / "results")
+    (tmp_path / "aspp_gpu_check.json").write_text(json.dumps({
+        "parity": [{"backend": "triton", "dtype": "torch.bfloat16", "shape": [1, 8, 8, 5, 5], "rates": [1],
+                    "err": "boom", "err_pytorch": None, "ok": False}],
+        "timing": [{"preset": "voc-os16", "mode": "fwd", "tv_ms": 1.0, "fused_ms": 0.5, "speedup": 2.0}]}))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "digest.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("bench: ") and any("unet-stare" in line and "fp32" in line for line in lines)
+    assert "check: 1 parity rows, 1 bad" in lines and any("2.00x" in line for line in lines)

@@ -336,6 +336,8 @@ while (( $# > 0 )); do
     *) echo "unknown phase $phase; see the top of $0" >&2; exit 2 ;;
   esac
 done
+# The numbers last, where the device tool's reply (the end of the output) shows them.
+python benchmarks/gpu/digest.py "$OUT" 2>&1 | tee "$OUT/digest.txt"
 echo "total: $((SECONDS - T_START)) s" | tee -a "$summary"
 [[ -e "$failed_mark" ]] && exit 1
 exit 0
