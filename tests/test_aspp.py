@@ -34,6 +34,12 @@ def twin_modules(c=12, rates=RATES, co=8, dtype=torch.float64, device="cpu"):
     return tv, fused
 
 
+def eval_twins():
+    """(torchvision ASPP, FusedASPP with the same state, both in eval mode, an input), float64."""
+    tv, fused = twin_modules()
+    return tv.eval(), fused.eval(), torch.randn(2, 12, 7, 8, dtype=torch.float64)
+
+
 def rel_err(a, b):
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
@@ -228,10 +234,7 @@ def test_public_api():
 
 def test_inference_weight_cache_follows_weight_updates():
     """The no-grad stack of the atrous weights is rebuilt when a weight changes in place."""
-    tv, fused = twin_modules()
-    tv.eval()
-    fused.eval()
-    x = torch.randn(2, 12, 7, 8, dtype=torch.float64)
+    tv, fused, x = eval_twins()
     with torch.no_grad():
         assert rel_err(fused(x), tv(x)) < 1e-10
         for m in (tv, fused):
@@ -244,10 +247,7 @@ def test_inference_weight_cache_follows_weight_updates():
 def test_inference_cache_follows_batchnorm_and_projection_updates():
     """The folded epilogue and the projection's weight blocks, cached for inference, follow in-place updates of
     the running statistics, the BN affine parameters, eps and the projection weight."""
-    tv, fused = twin_modules()
-    tv.eval()
-    fused.eval()
-    x = torch.randn(2, 12, 7, 8, dtype=torch.float64)
+    tv, fused, x = eval_twins()
     updates = [
         lambda m: m.convs[1][1].running_mean.add_(0.5),
         lambda m: m.convs[0][1].running_var.mul_(3.0),
@@ -269,10 +269,7 @@ def test_inference_cache_follows_new_tensors_even_at_a_reused_address():
     can produce when the allocator hands back freed memory) must not be taken for the old one: the cache
     keys on the tensor objects too. Built here on purpose: a new Parameter over the same storage, whose
     values change through .data (which moves no version counter)."""
-    tv, fused = twin_modules()
-    tv.eval()
-    fused.eval()
-    x = torch.randn(2, 12, 7, 8, dtype=torch.float64)
+    tv, fused, x = eval_twins()
     with torch.no_grad():
         fused.convs[1][0].weight = nn.Parameter(fused.convs[1][0].weight.data.clone())
         fused(x)  # caches the stack, keyed on this weight at version 0
@@ -288,10 +285,7 @@ def test_inference_cache_follows_new_tensors_even_at_a_reused_address():
 def test_module_with_a_filled_cache_pickles_and_copies():
     import io
 
-    tv, fused = twin_modules()
-    tv.eval()
-    fused.eval()
-    x = torch.randn(2, 12, 7, 8, dtype=torch.float64)
+    tv, fused, x = eval_twins()
     with torch.no_grad():
         y = fused(x)
         buffer = io.BytesIO()

@@ -134,22 +134,21 @@ class FusedASPP(nn.Module):
         if torch.compiler.is_compiling():
             return w1x1, torch.stack(weights)
         k_major = _backend.resolve(self.backend, x.device, x.dtype) == "triton"
+
+        def stack_k_major() -> Tensor:  # [B, 3, 3, C, Co]
+            return torch.stack([w.permute(2, 3, 1, 0) for w in weights])
+
         if not self._cacheable([w1x1] + weights):
             # Training: the stack is a copy either way; made K-major, it is the only one (the Triton backend's
             # re-layout is then a view).
-            if k_major:
-                return w1x1, torch.stack([w.permute(2, 3, 1, 0) for w in weights]).permute(0, 4, 3, 1, 2)
-            return w1x1, torch.stack(weights)
+            return w1x1, stack_k_major().permute(0, 4, 3, 1, 2) if k_major else torch.stack(weights)
         if k_major:
             co, c = w1x1.shape[:2]
-            w1_kc, w3_kc = self._cached("weights:k-major", [w1x1] + weights, lambda: (
-                w1x1.reshape(co, c).t().contiguous(), torch.stack([w.permute(2, 3, 1, 0) for w in weights])))
+            w1_kc, w3_kc = self._cached("weights:k-major", [w1x1] + weights,
+                                        lambda: (w1x1.reshape(co, c).t().contiguous(), stack_k_major()))
             return w1_kc.t()[:, :, None, None], w3_kc.permute(0, 4, 3, 1, 2)
         return w1x1, self._cached("weights:channels-last", weights, lambda: torch.stack(
             [w.permute(0, 2, 3, 1) for w in weights]).permute(0, 1, 4, 2, 3))
-
-    def _bn_tensors(self, bns) -> list[Tensor]:
-        return [t for bn in bns for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]
 
     def _folded_epilogue(self) -> tuple[Tensor, Tensor]:
         """Per-channel scale and shift [(1+B)*Co] of the branch BatchNorms in eval mode (differentiable;
@@ -170,7 +169,8 @@ class FusedASPP(nn.Module):
             return torch.cat(scales), torch.cat(shifts)
 
         # eps is a plain attribute, not a tensor: part of the key through the entry's name.
-        return self._cached("epilogue:" + ",".join(str(bn.eps) for bn in bns), self._bn_tensors(bns), fold)
+        inputs = [t for bn in bns for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]
+        return self._cached("epilogue:" + ",".join(str(bn.eps) for bn in bns), inputs, fold)
 
     def _can_fold(self) -> bool:
         return all(not branch[1].training and branch[1].running_var is not None for branch in self.convs[:-1])

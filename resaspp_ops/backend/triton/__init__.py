@@ -303,5 +303,4 @@ def backward(grad, x, w1x1, w3x3, rates, need_x, need_w):
         by_tap[..., 4].copy_(flat[:, co:gc].reshape(c, b, co).permute(1, 2, 0))   # [B, Co, C]: the centre tap
         by_tap[..., :4].copy_(taps[..., :4])
         by_tap[..., 5:].copy_(taps[..., 4:])
-        del flat, taps
     return grad_x, grad_w1x1, grad_w3x3

@@ -182,12 +182,13 @@ def lower(n: int, c: int, co: int, h: int, w: int, rates: tuple, dtype: torch.dt
         out = triton_backend.forward(x, w1, w3, list(rates), scale, shift, epilogue)
         if backward:
             triton_backend.backward(torch.empty_like(out), x, w1, w3, list(rates), True, True)
+    limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[90])
     for launch in launches:
         if launch.error:
             launch.problems.append("does not compile")
             continue
-        if launch.shared is not None and launch.shared > SHARED_LIMIT.get(arch, SHARED_LIMIT[90]):
-            over = f"{launch.shared} B of shared memory, over sm_{arch}'s {SHARED_LIMIT[arch]}"
+        if launch.shared is not None and launch.shared > limit:
+            over = f"{launch.shared} B of shared memory, over sm_{arch}'s {limit}"
             (launch.warnings if autotune else launch.problems).append(over + (" (skipped by the autotuner)"
                                                                               if autotune else ""))
         if launch.spills:
