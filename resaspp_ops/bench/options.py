@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-only", action="store_true",
                    help="check every provider against float64 and time nothing: a correctness sweep that also "
                         "fills Triton's and Inductor's on-disk compile caches for a timed run after it")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of every case's weights (SEED), inputs (SEED+1) and output grad (SEED+2); default 0")
     p.add_argument("--quick", action="store_true",
                    help="shorter timing, and unless given: presets voc-os16,unet-stare, default rates, "
                         "bfloat16 on cuda")

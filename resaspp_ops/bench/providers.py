@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resaspp_ops import backend as _backend
+from resaspp_ops.bench.relu_masks import ReluMaskRecorder
 from resaspp_ops.nn import FusedASPP
 from resaspp_ops.ops import multi_rate_conv2d
 
@@ -127,12 +128,17 @@ class Runner:
     channels_last: bool
     note: str = ""
     params: list = field(default_factory=list)
+    relu_recorder: Optional[ReluMaskRecorder] = None  # fwd+bwd on a module with ReLUs: see bench.relu_masks
 
 
-def _new_step_each_call(compiled: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+def _new_step_each_call(compiled: Callable[[Tensor], Tensor], recorder: Optional[ReluMaskRecorder]
+                        ) -> Callable[[Tensor], Tensor]:
     """max-autotune replays CUDA graphs; each call is a new step, whose outputs may overwrite the last's
-    (every caller here is done with the previous outputs by then)."""
+    (every caller here is done with the previous outputs by then). The compiled graph's ReLU hooks (if any)
+    hold the last step's ReLU outputs: released here, before the step allocates its own."""
     def call(x: Tensor) -> Tensor:
+        if recorder is not None:
+            recorder.clear()
         torch.compiler.cudagraph_mark_step_begin()
         return compiled(x)
     return call
@@ -174,9 +180,13 @@ def build(level: str, provider: str, source: nn.Module, rates, device: torch.dev
     if channels_last:
         module = to_channels_last(module)
     module.train(train)
+    recorder = ReluMaskRecorder(module) if train else None
+    recorder = recorder if recorder else None  # no ReLU, nothing to record
     fn = module
     if is_compiled(provider):
         torch._dynamo.reset()  # a fresh cache per case: never fall back to eager at the recompile limit
-        fn = _new_step_each_call(torch.compile(module, mode=compile_mode))  # harmless without CUDA graphs
+        if recorder is not None:
+            recorder.attach()  # before the compile, which traces the hooks in (see bench.relu_masks)
+        fn = _new_step_each_call(torch.compile(module, mode=compile_mode), recorder)  # harmless without graphs
     note = auto_note(device, next(module.parameters()).dtype) if backend == "auto" else ""
-    return Runner(provider, fn, module, channels_last, note, list(module.parameters()))
+    return Runner(provider, fn, module, channels_last, note, list(module.parameters()), recorder)

@@ -12,14 +12,14 @@ import torch
 
 from resaspp_ops.bench import options as _options
 from resaspp_ops.bench.ceiling import bf16_matmul_tflops
-from resaspp_ops.bench.correctness import check
+from resaspp_ops.bench.correctness import Judged, check, flipped_units
 from resaspp_ops.bench.environment import metadata
 from resaspp_ops.bench.presets import select
 from resaspp_ops.bench.providers import (DEFAULT_COMPILE_MODE, YARDSTICK, build, is_baseline, is_compiled,
                                          providers_of, skip_reason)
 from resaspp_ops.bench.timing import TimingSettings, peak_memory_mb, time_step
-from resaspp_ops.bench.workloads import (Case, float64_reference, laid_out_like, make_inputs, make_output_grad,
-                                         make_source, run_once)
+from resaspp_ops.bench.workloads import (Case, Float64References, Result, laid_out_like, make_inputs,
+                                         make_output_grad, make_source, run_once)
 
 # Distinct input buffers a timed run cycles through (on top of the L2 flush): no step reuses the
 # previous step's input.
@@ -69,6 +69,11 @@ def make_step(runner, xs: list, grad_out, train: bool) -> Callable[[int], None]:
     return step
 
 
+def judged(result: Result, references: Float64References) -> Judged:
+    """`result` with the float64 reference it is judged against (that of its own ReLU masks)."""
+    return Judged(result, references.for_run(result))
+
+
 def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -77,9 +82,10 @@ def _release(device: torch.device) -> None:
 
 def run_case(case: Case, providers: list, requested: Optional[list], device: torch.device,
              settings: TimingSettings, out_of_time: Callable[[], bool], progress,
-             compile_mode: str = DEFAULT_COMPILE_MODE, check_only: bool = False) -> list[dict]:
+             compile_mode: str = DEFAULT_COMPILE_MODE, check_only: bool = False, seed: int = 0) -> list[dict]:
     """Rows of `providers` on one case (speedups are added by the caller, once every provider of the
-    case has run: see add_speedups). check_only: the correctness check alone, nothing timed."""
+    case has run: see add_speedups). check_only: the correctness check alone, nothing timed. seed: of the
+    case's weights (seed), inputs (seed + 1) and output grad (seed + 2)."""
     rows = [empty_row(case, p) for p in providers]
     reasons = {p: skip_reason(p, device, case.dtype, requested is not None and p in requested) for p in providers}
     if out_of_time() or all(reasons.values()):  # nothing will run: spare the setup and the float64 reference
@@ -88,13 +94,14 @@ def run_case(case: Case, providers: list, requested: Optional[list], device: tor
         progress.update(len(rows))
         return rows
     try:
-        source = make_source(case)
-        xs = make_inputs(case, device, INPUT_BUFFERS.get(device.type, 2))
+        source = make_source(case, seed)
+        xs = make_inputs(case, device, INPUT_BUFFERS.get(device.type, 2), seed + 1)
         xs_cl = [x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(case.train) for x in xs]
-        grad = make_output_grad(case, device) if case.train else None
-        ref64 = float64_reference(case, source, xs[0], grad, device)
+        grad = make_output_grad(case, device, seed + 2) if case.train else None
+        references = Float64References(case, source, xs[0], grad, device)
         yard_runner = build(case.level, YARDSTICK[case.level], source, case.rates, device, case.train)
-        yardstick = run_once(yard_runner.fn, yard_runner.module, xs[0], grad, case.train)
+        yardstick = judged(run_once(yard_runner.fn, yard_runner.module, xs[0], grad, case.train,
+                                    yard_runner.relu_recorder), references)
         del yard_runner
     except Exception as exc:  # noqa: BLE001 - one broken case must not end the run
         for row in rows:
@@ -104,7 +111,7 @@ def run_case(case: Case, providers: list, requested: Optional[list], device: tor
         return rows
 
     macs = case.macs()
-    compiled_yardstick = None  # the compiled baseline's result, once it ran: see correctness.check
+    compiled_yardstick = None  # the compiled baseline's run, once it ran: see correctness.check
     for row in rows:
         provider = row["provider"]
         progress.set_postfix_str(f"{case.label()} {provider}", refresh=False)
@@ -115,25 +122,29 @@ def run_case(case: Case, providers: list, requested: Optional[list], device: tor
             row["note"] = f"skipped: {reason}"
             progress.update(1)
             continue
-        runner = step = result = None
+        runner = step = run = None
         try:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             baseline_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             runner = build(case.level, provider, source, case.rates, device, case.train, compile_mode=compile_mode)
             inputs = xs_cl if runner.channels_last else xs
-            result = run_once(runner.fn, runner.module, inputs[0], grad, case.train)
+            run = judged(run_once(runner.fn, runner.module, inputs[0], grad, case.train, runner.relu_recorder),
+                         references)
             if provider == YARDSTICK[case.level]:
                 correct, detail = True, "yardstick of the error rule"
             else:
                 compiled_fused = is_compiled(provider) and not is_baseline(provider)
-                verdict = check(result, ref64, yardstick, case.dtype,
-                                compiled_yardstick if compiled_fused else None)
+                verdict = check(run, yardstick, case.dtype, compiled_yardstick if compiled_fused else None)
                 correct, detail = verdict.correct, verdict.detail
                 if compiled_fused and compiled_yardstick is not None:
                     detail += " (bound from the worse of eager and the compiled baseline)"
+            flips = flipped_units(run, references.own.relu_masks)
+            if flips:
+                units = "unit" if flips == 1 else "units"
+                detail += f"; judged with its own ReLU masks ({flips} {units} on the other side of the kink from float64)"
             if is_compiled(provider) and is_baseline(provider):
-                compiled_yardstick = result
+                compiled_yardstick = run
             row["correct"] = correct
             row["note"] = "; ".join(t for t in (runner.note, detail) if t)
             # A fused provider with a wrong result is never timed. A baseline is PyTorch itself, what users
@@ -141,8 +152,8 @@ def run_case(case: Case, providers: list, requested: Optional[list], device: tor
             # row reports. (In bf16 fwd+bwd, torch.compile's BatchNorm backward rounds at other points than
             # eager and can land past 2x eager's error, so dropping it would flatter the fused rows.)
             if not check_only and (correct or is_baseline(provider)):
-                grad_laid_out = None if grad is None else laid_out_like(grad, result.out)
-                result = None
+                grad_laid_out = None if grad is None else laid_out_like(grad, run.result.out)
+                run = None
                 step = make_step(runner, inputs, grad_laid_out, case.train)
                 timing = time_step(step, device, settings)
                 row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
@@ -154,7 +165,7 @@ def run_case(case: Case, providers: list, requested: Optional[list], device: tor
             first_line = (str(exc).strip().splitlines() or [""])[0]
             row["note"] = f"raised {type(exc).__name__}: {first_line[:200]}"
         finally:
-            runner = step = result = None
+            runner = step = run = None
             if row["provider"].endswith("-compile"):
                 torch._dynamo.reset()
             _release(device)
@@ -268,6 +279,7 @@ def run(argv) -> int:
     meta["time_budget_s"] = budget
     meta["complete"] = False
     meta["check_only"] = args.check_only
+    meta["seed"] = args.seed
     ceiling = {"bf16_matmul_tflops": None if args.check_only else bf16_matmul_tflops(device, settings)}
     per_case: list[list[dict]] = [[] for _ in cases]
     passes = [lambda p: not is_compiled(p), is_compiled]
@@ -315,7 +327,8 @@ def _run_passes(cases, passes, args, device, settings, out_of_time, per_case, do
                 if not providers:
                     continue
                 per_case[i] += run_case(case, providers, args.providers, device, settings, out_of_time, progress,
-                                        compile_mode=args.compile_mode, check_only=args.check_only)
+                                        compile_mode=args.compile_mode, check_only=args.check_only,
+                                        seed=args.seed)
                 per_case[i].sort(key=lambda row: all_providers.index(row["provider"]))
                 try:  # a checkpoint: what a kill from outside leaves behind
                     write_all(document(), args.out_dir, device, tag=args.tag, plot=False)

@@ -1,6 +1,7 @@
 """What one benchmark case runs on: weights, rotated inputs, the output grad, the float64 reference."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ from torch import Tensor, nn
 
 from resaspp_ops.bench.presets import Preset
 from resaspp_ops.bench.providers import BranchConvs, set_dropout
+from resaspp_ops.bench.relu_masks import ReluMaskRecorder, masks_of, same_masks
 from resaspp_ops.flops import FWD_BWD_FACTOR, MacCount, branch_macs, module_macs
 
 MODES = ("fwd", "fwd+bwd")
@@ -100,27 +102,80 @@ def laid_out_like(grad: Tensor, out: Tensor) -> Tensor:
 
 @dataclass
 class Result:
-    """A provider's output and (fwd+bwd) input grad on one input, detached."""
+    """A provider's output and (fwd+bwd) input grad on one input, detached; relu_outputs (fwd+bwd, a module
+    with ReLUs): {name: output} of each nn.ReLU in that run, whose masks (output > 0) the run's float64
+    reference takes (see resaspp_ops.bench.relu_masks) and which the gate judges as activations."""
 
     out: Tensor
     grad_x: Tensor | None
+    relu_outputs: dict | None = None
+    # The masks the run's ReLUs applied: its outputs > 0, or for a float64 reference the masks it was given
+    # (where a run passed a pre-activation that float64 has below zero, the reference's output there is
+    # that small negative value, so its mask cannot be read back from the output).
+    relu_masks: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.relu_masks is None and self.relu_outputs is not None:
+            self.relu_masks = masks_of(self.relu_outputs)
 
 
-def run_once(fn, module: nn.Module, x: Tensor, grad_out: Tensor | None, train: bool) -> Result:
+def run_once(fn, module: nn.Module, x: Tensor, grad_out: Tensor | None, train: bool,
+             recorder: ReluMaskRecorder | None = None) -> Result:
     """One check step: forward (and backward of sum(out * grad_out) in train mode), with the module's
-    dropout switched off, where it stays for the timing that follows (see set_dropout)."""
+    dropout switched off, where it stays for the timing that follows (see set_dropout). In train mode,
+    `recorder` (hooks on the module's ReLUs, attached for this step if they are not already) gives the
+    run's ReLU outputs."""
     set_dropout(module, False)
     x = x.detach().requires_grad_(train)
     if not train:
         with torch.no_grad():
             return Result(fn(x).detach().clone(), None)
-    out = fn(x)
+    with recorder.attached() if recorder is not None else contextlib.nullcontext():
+        out = fn(x)
+    relu_outputs = recorder.take() if recorder is not None else None
     out.backward(laid_out_like(grad_out, out))
-    return Result(out.detach().clone(), x.grad.detach().clone())
+    return Result(out.detach().clone(), x.grad.detach().clone(), relu_outputs)
 
 
-def float64_reference(case: Case, source: nn.Module, x: Tensor, grad_out: Tensor | None, device) -> Result:
-    """The ground truth: the case's source module and input (already rounded to its dtype) in float64."""
+def float64_reference(case: Case, source: nn.Module, x: Tensor, grad_out: Tensor | None, device,
+                      relu_masks: dict | None = None) -> Result:
+    """The ground truth: the case's source module and input (already rounded to its dtype) in float64.
+
+    relu_masks (fwd+bwd): a judged run's ReLU masks, which the float64 module's ReLUs then use in place of
+    their own, so that its grad is the derivative of the same piecewise-linear function as that run's. In
+    fwd+bwd the result's relu_outputs are the float64 ReLUs' outputs (with those masks, if given)."""
     module = copy.deepcopy(source).to(device=device, dtype=torch.float64).train(case.train)
     g64 = None if grad_out is None else grad_out.to(torch.float64)
-    return run_once(module, module, x.detach().to(torch.float64), g64, case.train)
+    x64 = x.detach().to(torch.float64)
+    recorder = ReluMaskRecorder(module) if case.train else None
+    with ReluMaskRecorder.apply(module, relu_masks) if relu_masks is not None else contextlib.nullcontext():
+        # Registered after the masks' hooks, the recorder sees the masked outputs.
+        result = run_once(module, module, x64, g64, case.train, recorder if recorder else None)
+    if relu_masks is not None:
+        result.relu_masks = relu_masks
+    return result
+
+
+class Float64References:
+    """The float64 references of one case, one per distinct set of ReLU masks among the runs judged on it.
+
+    Most runs agree with float64 on every ReLU and share its reference; a run that put some unit on the other
+    side of a kink gets (and shares with any run of the same masks) a reference computed with its masks.
+    """
+
+    def __init__(self, case: Case, source: nn.Module, x: Tensor, grad_out: Tensor | None, device) -> None:
+        self._args = (case, source, x, grad_out, device)
+        self.own = float64_reference(case, source, x, grad_out, device)  # with float64's own masks
+        self._by_masks = [self.own]
+
+    def for_run(self, result: Result) -> Result:
+        """The reference that `result` is judged against."""
+        masks = result.relu_masks
+        if masks is None:
+            return self.own
+        for reference in self._by_masks:
+            if same_masks(reference.relu_masks, masks):
+                return reference
+        reference = float64_reference(*self._args, relu_masks=masks)
+        self._by_masks.append(reference)
+        return reference
