@@ -7,7 +7,9 @@ and torch.library.opcheck all work:
     resaspp_ops::multi_rate_conv2d_backward   grads of x, w1x1, w3x3 from the pre-epilogue grad
 
 Each takes the name of a concrete backend ("reference", "cuda", "triton"); the public function
-`multi_rate_conv2d` validates its inputs, applies autocast and resolves backend="auto".
+`multi_rate_conv2d` validates its inputs (once: the ops themselves do not), applies autocast and resolves
+backend="auto". In plain eager mode it calls the backend through an autograd.Function instead of the
+dispatcher, the same computation without the custom-op layer's host time (_plain_eager says when).
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def check_rates(rates) -> tuple[int, ...]:
     """rates as a tuple of positive Python ints, or ValueError."""
+    if type(rates) is tuple and rates and all(type(r) is int and r > 0 for r in rates):
+        return rates  # the common case, without the ABC checks below (host time)
     if isinstance(rates, (int, Tensor)) or not isinstance(rates, Sequence):
         raise ValueError(f"rates must be a sequence of positive integers, got {rates!r}")
     out = []
@@ -82,14 +86,32 @@ def _output_like(x: Tensor, channels) -> Tensor:
     return x.new_empty((n, channels, h, w)).contiguous(memory_format=torch.channels_last)
 
 
-@torch.library.custom_op("resaspp_ops::multi_rate_conv2d", mutates_args=())
-def _multi_rate_conv2d(x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int], scale: Optional[Tensor],
-                       shift: Optional[Tensor], relu: bool, backend: str) -> Tensor:
-    check_inputs(x, w1x1, w3x3, rates, scale, shift)
+def _forward(x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int], scale: Optional[Tensor],
+             shift: Optional[Tensor], relu: bool, backend: str) -> Tensor:
+    """The forward on inputs that multi_rate_conv2d has validated: the backend's, epilogue in the acc dtype."""
     acc = accumulation_dtype(x.dtype)
     scale = None if scale is None else scale.to(acc)
     shift = None if shift is None else shift.to(acc)
     return _backend.get(backend).forward(x, w1x1, w3x3, tuple(rates), scale, shift, relu)
+
+
+def _backward_convs(grad: Tensor, x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int], need_x: bool,
+                    need_w: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """grad_x, grad_w1x1, grad_w3x3 from the pre-epilogue grad, in fixed layouts whatever the backend (the
+    fake kernel promises them). An empty tensor stands for "not requested" (a custom op cannot return None)."""
+    grad_x, grad_w1x1, grad_w3x3 = _backend.get(backend).backward(
+        grad, x, w1x1, w3x3, tuple(rates), need_x, need_w)
+    empty = x.new_empty(0)
+    return (grad_x.contiguous(memory_format=torch.channels_last) if need_x else empty,
+            grad_w1x1.contiguous() if need_w else empty.clone(), grad_w3x3.contiguous() if need_w else empty.clone())
+
+
+# The registered ops take inputs that multi_rate_conv2d has validated (shapes, dtypes, devices, rates): validation
+# runs once a call, there (and in the fake kernels, at trace time); call them through it.
+@torch.library.custom_op("resaspp_ops::multi_rate_conv2d", mutates_args=())
+def _multi_rate_conv2d(x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int], scale: Optional[Tensor],
+                       shift: Optional[Tensor], relu: bool, backend: str) -> Tensor:
+    return _forward(x, w1x1, w3x3, rates, scale, shift, relu, backend)
 
 
 @_multi_rate_conv2d.register_fake
@@ -101,13 +123,7 @@ def _(x, w1x1, w3x3, rates, scale, shift, relu, backend):
 @torch.library.custom_op("resaspp_ops::multi_rate_conv2d_backward", mutates_args=())
 def _multi_rate_conv2d_backward(grad: Tensor, x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int],
                                 need_x: bool, need_w: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    grad_x, grad_w1x1, grad_w3x3 = _backend.get(backend).backward(
-        grad, x, w1x1, w3x3, tuple(rates), need_x, need_w)
-    # Fixed output layouts whatever the backend (the fake kernel promises them). A custom op
-    # cannot return None: an empty tensor stands for "not requested".
-    empty = x.new_empty(0)
-    return (grad_x.contiguous(memory_format=torch.channels_last) if need_x else empty,
-            grad_w1x1.contiguous() if need_w else empty.clone(), grad_w3x3.contiguous() if need_w else empty.clone())
+    return _backward_convs(grad, x, w1x1, w3x3, rates, need_x, need_w, backend)
 
 
 @_multi_rate_conv2d_backward.register_fake
@@ -122,12 +138,15 @@ def _setup_context(ctx, inputs, output):
     x, w1x1, w3x3, rates, scale, shift, relu, backend = inputs
     ctx.rates, ctx.relu, ctx.backend = tuple(rates), relu, backend
     ctx.has_scale, ctx.has_shift = scale is not None, shift is not None
+    ctx.eager = False  # _EagerMultiRateConv2d sets it: the backward then calls the backend directly too
     ctx.save_for_backward(x, w1x1, w3x3, scale, shift, output if relu else None)
 
 
 def _backward(ctx, grad_out):
     x, w1x1, w3x3, scale, shift, out = ctx.saved_tensors
     need_x, need_w1, need_w3, _, need_scale, need_shift = ctx.needs_input_grad[:6]
+    forward_op = _forward if ctx.eager else torch.ops.resaspp_ops.multi_rate_conv2d
+    backward_op = _backward_convs if ctx.eager else torch.ops.resaspp_ops.multi_rate_conv2d_backward
     grad = grad_out
     if ctx.relu:
         grad = torch.where(out > 0, grad, 0)  # as torch.relu's backward: zero where out <= 0 or NaN
@@ -138,14 +157,13 @@ def _backward(ctx, grad_out):
         if ctx.has_shift and need_shift:
             grad_shift = grad_acc.sum(dim=(0, 2, 3)).to(shift.dtype)
         if ctx.has_scale and need_scale:
-            conv = torch.ops.resaspp_ops.multi_rate_conv2d(x, w1x1, w3x3, ctx.rates, None, None, False, ctx.backend)
+            conv = forward_op(x, w1x1, w3x3, ctx.rates, None, None, False, ctx.backend)
             grad_scale = (grad_acc * conv.to(acc)).sum(dim=(0, 2, 3)).to(scale.dtype)
         if ctx.has_scale:
             grad = (grad_acc * scale.to(acc).view(1, -1, 1, 1)).to(x.dtype)
     grad_x = grad_w1x1 = grad_w3x3 = None
     if need_x or need_w1 or need_w3:
-        gx, gw1, gw3 = torch.ops.resaspp_ops.multi_rate_conv2d_backward(
-            grad, x, w1x1, w3x3, ctx.rates, need_x, need_w1 or need_w3, ctx.backend)
+        gx, gw1, gw3 = backward_op(grad, x, w1x1, w3x3, ctx.rates, need_x, need_w1 or need_w3, ctx.backend)
         grad_x = gx if need_x else None
         grad_w1x1 = gw1 if need_w1 else None
         grad_w3x3 = gw3 if need_w3 else None
@@ -153,6 +171,51 @@ def _backward(ctx, grad_out):
 
 
 _multi_rate_conv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerMultiRateConv2d(torch.autograd.Function):
+    """The op's autograd in plain eager mode, without the custom-op layer (see _plain_eager): the same
+    backend calls and the same _backward as the registered op, less host time (benchmarks/NOTES.md)."""
+
+    @staticmethod
+    def forward(ctx, x, w1x1, w3x3, rates, scale, shift, relu, backend):
+        out = _forward(x, w1x1, w3x3, rates, scale, shift, relu, backend)
+        _setup_context(ctx, (x, w1x1, w3x3, rates, scale, shift, relu, backend), out)
+        ctx.eager = True
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        return _backward(ctx, grad_out)
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(*tensors: Optional[Tensor]) -> bool:
+    """Whether nothing but eager autograd will see this call: not compiling, exporting or tracing, no
+    functorch transform, no Python dispatch or function mode, no tensor subclass. Only then may the op skip
+    the custom-op layer; anything that needs to see the op (torch.compile, torch.export, opcheck, FakeTensor,
+    vmap, FlopCounterMode, DTensor, jit.trace) gets the registered op."""
+    if (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+            or torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()):
+        return False
+    return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
+
+
+def _call(x, w1x1, w3x3, rates, scale, shift, relu, backend) -> Tensor:
+    """The op on validated inputs, by the cheapest route that keeps its meaning (see _plain_eager)."""
+    if not _plain_eager(x, w1x1, w3x3, scale, shift):
+        return torch.ops.resaspp_ops.multi_rate_conv2d(x, w1x1, w3x3, rates, scale, shift, relu, backend)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (x, w1x1, w3x3, scale, shift))
+    if needs_grad and not getattr(_backend.get(backend), "DIFFERENTIABLE", False):
+        return _EagerMultiRateConv2d.apply(x, w1x1, w3x3, rates, scale, shift, relu, backend)
+    # No grad needed, or a backend made of differentiable PyTorch ops (the reference): PyTorch's own autograd
+    # then records and differentiates them, which no hand-written backward undercuts.
+    return _forward(x, w1x1, w3x3, rates, scale, shift, relu, backend)
 
 
 def multi_rate_conv2d(x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int], scale: Optional[Tensor] = None,
@@ -182,7 +245,7 @@ def multi_rate_conv2d(x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int
         x, w1x1, w3x3 = x.to(dtype), w1x1.to(dtype), w3x3.to(dtype)
     check_inputs(x, w1x1, w3x3, rates, scale, shift)
     name = _backend.resolve(backend, x.device, x.dtype)
-    return torch.ops.resaspp_ops.multi_rate_conv2d(x, w1x1, w3x3, rates, scale, shift, relu, name)
+    return _call(x, w1x1, w3x3, rates, scale, shift, relu, name)
 
 
 def multi_rate_conv2d_reference(x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int],

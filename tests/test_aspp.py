@@ -298,3 +298,41 @@ def test_module_with_a_filled_cache_pickles_and_copies():
             m.convs[1][0].weight.mul_(-1.0)  # the copy's cache is its own
             assert not torch.equal(m(x), y)
         assert torch.equal(fused(x), y)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_forward_constructs_no_module(monkeypatch, train):
+    """The hot path reads submodules through their containers' dicts: slicing a ModuleList or Sequential
+    (convs[:-1], project[1:]) would build new containers on every call, more host time than a small map's work."""
+    import contextlib
+
+    fused = randomize_batchnorm(FusedASPP(8, (1, 2, 12), 8)).train(train)
+    x = torch.randn(2, 8, 6, 6, requires_grad=train)
+    fused(x)  # fills the inference caches
+    built = []
+    real_init = nn.Module.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(type(self).__name__)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "__init__", counting_init)
+    with contextlib.nullcontext() if train else torch.no_grad():
+        y = fused(x)
+        if train:
+            y.sum().backward()
+    assert built == []
+
+
+def test_folded_inference_skips_no_hook():
+    """Inference folds the pooling branch's and the projection's BatchNorms into weights, calling none of
+    their modules; a forward hook on one of them keeps those modules called (and the result the same)."""
+    tv, fused, x = eval_twins()
+    seen = []
+    with torch.no_grad():
+        y_folded = fused(x)
+        handle = fused.project[2].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        y_hooked = fused(x)
+        handle.remove()
+        assert seen == [y_hooked.shape]
+        assert rel_err(y_folded, tv(x)) < 1e-10 and rel_err(y_hooked, tv(x)) < 1e-10

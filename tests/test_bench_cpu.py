@@ -51,6 +51,8 @@ def test_json_follows_the_schema(cpu_run):
         assert row["tflops_useful"] <= row["tflops_dense"]
         assert row["speedup_vs_best_baseline"] > 0
         assert row["peak_mem_mb"] is None   # no allocator statistics on the CPU
+        # The host time per call, on the launch-bound preset only.
+        assert (row["host_us"] is not None and row["host_us"] > 0) == (row["preset"] == "unet-stare"), row
 
 
 def test_cpu_providers_ran_and_gpu_ones_were_skipped_with_a_reason(cpu_run):

@@ -203,3 +203,70 @@ def test_auto_says_once_why_cuda_tensors_miss_the_cuda_backend(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert backend_registry.resolve("auto", device, torch.bfloat16) == "triton"  # said once
+
+
+class _PassThroughMode(torch.overrides.TorchFunctionMode):
+    """A function mode that changes nothing: its presence alone routes multi_rate_conv2d through the
+    registered custom op (as under any mode, transform or tracer)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _routes(p, device, epilogue, backend):
+    """(output, grads of x, w1x1, w3x3, scale, shift, grad_fn name) by the plain eager route, then through
+    the registered op (forced by a function mode)."""
+    results = []
+    for mode in (None, _PassThroughMode()):
+        x, w1, w3, scale, shift = make_problem(p, torch.float32, device, epilogue=epilogue, seed=4,
+                                               requires_grad=True)
+        leaves = [t for t in (x, w1, w3, scale, shift) if t is not None]
+        for t in leaves:
+            t.requires_grad_(True)
+        with mode if mode is not None else torch.enable_grad():
+            y = multi_rate_conv2d(x, w1, w3, p.rates, scale, shift, relu=epilogue, backend=backend)
+        grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+        results.append((y, grads, type(y.grad_fn).__name__))
+    return results
+
+
+@pytest.mark.parametrize("epilogue", [False, True])
+def test_eager_route_matches_the_registered_op(device, epilogue):
+    """Plain eager calls skip the custom-op layer (host time). The reference backend is then differentiated
+    by PyTorch's autograd itself (the same convolutions forward, PyTorch's own backward of them); through the
+    registered op its backward() runs. The same outputs bitwise, the same grads up to summation order."""
+    p = Problem(2, 6, 4, 7, 5, (1, 3, 9))   # rate 9 >= H and W: merged with the 1x1; the others full 3x3
+    (y0, g0, fn0), (y1, g1, fn1) = _routes(p, device, epilogue, "reference")
+    assert "resaspp_ops" not in fn0 and "resaspp_ops_multi_rate_conv2d" in fn1
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("epilogue", [False, True])
+def test_eager_route_of_a_kernel_backend_is_the_same_computation(epilogue, monkeypatch):
+    """A backend with its own backward (cuda, triton) runs, in plain eager mode, through an autograd.Function
+    that calls the same backend functions and the same _backward as the registered op: bitwise the same.
+    Shown with the reference backend's functions standing in for a kernel backend's (DIFFERENTIABLE off)."""
+    from resaspp_ops.backend import reference
+
+    monkeypatch.setattr(reference, "DIFFERENTIABLE", False)
+    p = Problem(2, 6, 4, 7, 5, (1, 3, 9))
+    (y0, g0, fn0), (y1, g1, fn1) = _routes(p, "cpu", epilogue, "reference")
+    assert fn0 == "_EagerMultiRateConv2dBackward" and "resaspp_ops_multi_rate_conv2d" in fn1
+    assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
+def test_the_reference_backend_plans_only_live_taps():
+    """The reference backend drops taps that are padding on the whole map before PyTorch sees them: branches
+    whose rate is >= H and >= W join the 1x1 conv; rate >= H alone leaves the middle kernel row."""
+    from resaspp_ops.backend.reference import plan
+
+    merged, = plan(8, 8, (12, 24, 36))                # unet-stare: the whole op is one 1x1 conv
+    assert merged.branches == (0, 1, 2, 3) and merged.padding == (0, 0)
+    convs = plan(5, 11, (1, 6))                        # rate 6 >= H = 5 only
+    assert [c.branches for c in convs] == [(0,), (1,), (2,)]
+    assert (convs[2].rows, convs[2].cols) == (slice(1, 2), slice(0, 3))
+    assert convs[2].padding == (0, 6) and convs[2].dilation == (1, 6)
+    assert [c.branches for c in plan(33, 33, (6, 12, 18))] == [(0,), (1,), (2,), (3,)]
+    assert [c.branches for c in plan(7, 7, (12, 2, 30))] == [(0, 1, 3), (2,)]  # out of order: placed back

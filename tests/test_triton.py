@@ -355,8 +355,8 @@ def test_fused_aspp_inference_hands_the_kernels_their_layout(monkeypatch):
     monkeypatch.setattr(k.forward, "run", run)
     with torch.no_grad():
         y = fused(x)
-        w1_kc, w3_kc = fused._inference_cache["weights:k-major"][2]
-        assert seen == [(w1_kc.data_ptr(), w3_kc.data_ptr())]
+        plan = fused._inference_cache.peek("inference:k-major")
+        assert seen == [(plan.w1x1.data_ptr(), plan.w3x3.data_ptr())]
         ref = tv(x)
     assert (y - ref).abs().max() <= 1e-4 * ref.abs().max()
 

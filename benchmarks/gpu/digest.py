@@ -26,8 +26,11 @@ def bench_lines(doc: dict) -> list[str]:
         fused = [f"{r['provider'].removeprefix('fused-')} "
                  + (f"{r['speedup_vs_best_baseline']:.2f}x" if r["speedup_vs_best_baseline"] else
                     "WRONG" if r["correct"] is False else "-")
+                 + (f" host {r['host_us']:.0f} us" if r.get("host_us") else "")
                  for r in rows if r["provider"].startswith("fused")]
         best_text = f"best {best['provider']} {best['median_ms']:.3f} ms" if best else "no baseline timed"
+        if best and best.get("host_us"):
+            best_text += f" host {best['host_us']:.0f} us"
         lines.append(f"  {level[:3]} {preset:15s} r{','.join(map(str, rates)):9s} {SHORT_DTYPE.get(dtype, dtype)} {mode:7s} "
                      f"{best_text:38s} | " + ", ".join(fused))
     return lines

@@ -11,7 +11,9 @@ Every backend is a module with the same three functions (the contract the ops la
     backward(grad, x, w1x1, w3x3, rates, need_x, need_w) -> (grad_x, grad_w1x1, grad_w3x3)
         grad of the pre-epilogue output [N, (1+B)*Co, H, W]; None where not requested.
 
-Inputs reach a backend already validated by resaspp_ops.ops (shapes, dtypes, devices, rates).
+Inputs reach a backend already validated by resaspp_ops.ops (shapes, dtypes, devices, rates). A backend
+whose forward is made of differentiable PyTorch ops says so with DIFFERENTIABLE = True: in plain eager mode
+PyTorch's autograd then differentiates it directly, and backward() serves the registered op.
 """
 from __future__ import annotations
 
@@ -31,11 +33,17 @@ class BackendStatus(NamedTuple):
     reason: str
 
 
+_MODULES: dict = {}
+
+
 def get(name: str):
-    """The backend module called `name` (one of NAMES)."""
-    if name not in NAMES:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)} or 'auto'")
-    return importlib.import_module(f"{__name__}.{name}")
+    """The backend module called `name` (one of NAMES), imported on first use."""
+    module = _MODULES.get(name)
+    if module is None:
+        if name not in NAMES:
+            raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)} or 'auto'")
+        module = _MODULES[name] = importlib.import_module(f"{__name__}.{name}")
+    return module
 
 
 def status(name: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> BackendStatus:

@@ -13,7 +13,7 @@ from resaspp_ops.bench.environment import device_slug
 from resaspp_ops.bench.providers import BASELINES
 
 COLUMNS = ("level", "preset", "rates", "provider", "dtype", "mode", "median ms", "p20-p80 ms", "peak MiB",
-           "dense TFLOP/s", "useful TFLOP/s", "vs best baseline", "correct")
+           "dense TFLOP/s", "useful TFLOP/s", "vs best baseline", "host us", "correct")
 
 
 def _num(value, digits: int = 3) -> str:
@@ -27,6 +27,7 @@ def _table_row(row: dict) -> str:
              f"{_num(row['p20_ms'])}-{_num(row['p80_ms'])}" if timed else "-",
              _num(row["peak_mem_mb"], 4), _num(row["tflops_dense"]), _num(row["tflops_useful"]),
              f"{row['speedup_vs_best_baseline']:.2f}x" if row["speedup_vs_best_baseline"] is not None else "-",
+             _num(row.get("host_us"), 4),
              "yes" if row["correct"] else "**NO**" if row["correct"] is False else "-"]
     return "| " + " | ".join(cells) + " |"
 

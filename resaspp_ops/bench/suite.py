@@ -17,7 +17,7 @@ from resaspp_ops.bench.environment import metadata
 from resaspp_ops.bench.presets import select
 from resaspp_ops.bench.providers import (DEFAULT_COMPILE_MODE, YARDSTICK, build, is_baseline, is_compiled,
                                          providers_of, skip_reason)
-from resaspp_ops.bench.timing import TimingSettings, peak_memory_mb, time_step
+from resaspp_ops.bench.timing import TimingSettings, host_time_us, peak_memory_mb, time_step
 from resaspp_ops.bench.workloads import (Case, Float64References, Result, laid_out_like, make_inputs,
                                          make_output_grad, make_source, run_once)
 
@@ -46,7 +46,7 @@ def empty_row(case: Case, provider: str) -> dict:
     return {"level": case.level, "preset": case.preset.name, "rates": list(case.rates), "provider": provider,
             "dtype": case.dtype_name, "mode": case.mode, "median_ms": None, "p20_ms": None, "p80_ms": None,
             "peak_mem_mb": None, "tflops_dense": None, "tflops_useful": None, "speedup_vs_best_baseline": None,
-            "correct": None, "note": ""}
+            "host_us": None, "correct": None, "note": ""}
 
 
 def make_step(runner, xs: list, grad_out, train: bool) -> Callable[[int], None]:
@@ -160,6 +160,8 @@ def run_case(case: Case, providers: list, requested: Optional[list], device: tor
                            peak_mem_mb=peak_memory_mb(step, device, baseline_bytes),
                            tflops_dense=2 * macs.dense / (timing.median_ms * 1e-3) / 1e12,
                            tflops_useful=2 * macs.useful / (timing.median_ms * 1e-3) / 1e12)
+                if case.preset.launch_bound:
+                    row["host_us"] = host_time_us(step, device, settings.host_calls)
         except Exception as exc:  # noqa: BLE001 - report the failure, go on with the next provider
             row["correct"] = False
             first_line = (str(exc).strip().splitlines() or [""])[0]

@@ -1,4 +1,5 @@
-"""Timing one step: CUDA events on the GPU, time.perf_counter on the CPU; median and 20th/80th percentiles.
+"""Timing one step: CUDA events on the GPU, time.perf_counter on the CPU; median and 20th/80th percentiles;
+and the host's time to issue one (host_time_us).
 
 A step is `step(i)`: the caller rotates through several input buffers by i, and on the GPU each
 timed step starts with an L2 flush (a write larger than the cache) outside the events, so that no
@@ -25,12 +26,13 @@ class TimingSettings:
     measure_s: float = 0.5
     min_steps: int = 5
     max_steps: int = 500
+    host_calls: int = 200  # calls issued back to back for the host time of a launch-bound case
 
     @classmethod
     def for_run(cls, device_type: str, quick: bool) -> "TimingSettings":
         if device_type == "cuda":
-            return cls(0.05, 0.2, 5, 200) if quick else cls(0.1, 0.5, 10, 500)
-        return cls(0.0, 0.2, 3, 20) if quick else cls(0.1, 1.0, 5, 50)
+            return cls(0.05, 0.2, 5, 200, 100) if quick else cls(0.1, 0.5, 10, 500, 300)
+        return cls(0.0, 0.2, 3, 20, 20) if quick else cls(0.1, 1.0, 5, 50, 100)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,22 @@ def time_step(step: Callable[[int], None], device: torch.device, settings: Timin
     if device.type == "cuda":
         return time_cuda(step, device, settings)
     return time_cpu(step, settings)
+
+
+def host_time_us(step: Callable[[int], None], device: torch.device, calls: int) -> float:
+    """The host's time to issue one step, in microseconds: `calls` steps back to back with the device
+    synchronised only before and after them, so that on a GPU it is the Python, dispatch and launch cost and
+    not the kernels' (as long as the kernels keep up with the host: on a launch-bound workload they do). On
+    the CPU the work itself runs on the host, and this is the step's time."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    step(0)
+    sync()
+    start = time.perf_counter()
+    for i in range(calls):
+        step(i)
+    elapsed = time.perf_counter() - start
+    sync()
+    return elapsed / calls * 1e6
 
 
 def peak_memory_mb(step: Callable[[int], None], device: torch.device, baseline_bytes: int) -> Optional[float]:

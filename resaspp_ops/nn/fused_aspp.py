@@ -1,7 +1,7 @@
 """FusedASPP: torchvision's ASPP with the 1x1 and atrous branches in one fused op."""
 from __future__ import annotations
 
-import weakref
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resaspp_ops import backend as _backend
+from resaspp_ops.nn.inference_cache import (InferenceCache, batchnorm_tensors, cacheable, fold_batchnorm, folds,
+                                            has_hooks)
 from resaspp_ops.ops import check_rates, multi_rate_conv2d
 
 
@@ -29,10 +31,13 @@ class FusedASPP(nn.Module):
         convs.B+1          Sequential(AdaptiveAvgPool2d(1), Conv2d 1x1, BatchNorm2d, ReLU)  (image pooling)
         project            Sequential(Conv2d 1x1, BatchNorm2d, ReLU, Dropout)
 
-    The convolutions of convs.0 .. convs.B run as one `multi_rate_conv2d`. When their BatchNorms
-    are in eval mode (running statistics), the BatchNorms and ReLUs are folded into the op's
-    epilogue; in training mode the op is followed by each branch's own BatchNorm and ReLU modules,
-    so SyncBatchNorm conversion, momentum and running statistics behave exactly as in torchvision.
+    The convolutions of convs.0 .. convs.B run as one `multi_rate_conv2d` (their own forward and hooks
+    never run). When their BatchNorms are in eval mode (running statistics), the BatchNorms and ReLUs are
+    folded into the op's epilogue; when every BatchNorm is, and the dropout is off, inference runs the whole
+    module as the op, the pooling branch and the projection with their BatchNorms folded into cached weights
+    (a forward hook on any BatchNorm, ReLU, pooling or dropout module keeps those modules called instead).
+    In training mode the op is followed by each branch's own BatchNorm and ReLU modules, so SyncBatchNorm
+    conversion, momentum and running statistics behave exactly as in torchvision.
 
     Args:
         in_channels: C of the input [N, C, H, W].
@@ -49,7 +54,7 @@ class FusedASPP(nn.Module):
         if backend != "auto":
             _backend.get(backend)  # ValueError for an unknown name
         self.backend = backend
-        self._inference_cache: dict = {}  # name -> (weak refs to its inputs, their key, value); see _cached
+        self._inference_cache = InferenceCache()  # see _inference_plan and _branch_weights
         modules = [nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
                                  nn.BatchNorm2d(out_channels), nn.ReLU())]
         for rate in rates:
@@ -73,7 +78,7 @@ class FusedASPP(nn.Module):
     @property
     def rates(self) -> tuple[int, ...]:
         """The atrous rates, read from the 3x3 convolutions."""
-        return tuple(int(branch[0].dilation[0]) for branch in self.convs[1:-1])
+        return _rates(_children(self.convs))
 
     @property
     def in_channels(self) -> int:
@@ -86,134 +91,180 @@ class FusedASPP(nn.Module):
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, rates={self.rates}, out_channels={self.out_channels}, backend={self.backend!r}"
 
-    def _cacheable(self, inputs: Sequence[Tensor]) -> bool:
-        """Whether values derived from `inputs` may be cached: nothing needs their autograd graph, and no
-        graph is being traced (under torch.compile the derivation belongs in the graph)."""
-        if torch.compiler.is_compiling():
-            return False
-        return not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
+    # The hot path reads the submodules through _modules (dict lookups): indexing or slicing a ModuleList or
+    # Sequential builds containers, which cost more than a small map's whole computation.
 
-    def _cached(self, name: str, inputs: Sequence[Tensor], build):
-        """build(), computed once and reused while none of `inputs` changes, where _cacheable; else build()
-        every call.
+    def forward(self, x: Tensor) -> Tensor:
+        branches = _children(self.convs)    # [Sequential(conv, bn, relu)] * (1+B) + [Sequential(pool, conv, bn, relu)]
+        project = _children(self.project)   # conv, bn, relu, dropout
+        self._check_batch(x, branches)
+        pool = _children(branches[-1])
+        folded = [_children(b)[1] for b in branches[:-1]] + [pool[2], project[1]]
+        kept = folded + [_children(b)[2] for b in branches[:-1]] + [pool[0], pool[3], project[2], project[3]]
+        dropout_off = not project[3].training or project[3].p == 0
+        if all(folds(bn) for bn in folded) and dropout_off and not has_hooks(kept):
+            return self._forward_folded(x, branches, project)
+        return self._forward_modules(x, branches, project)
 
-        Inference would otherwise redo, on every call, work that depends only on weights and BatchNorm
-        statistics: at C=2048 the atrous stack is tens of megabytes of copies, and the folded epilogue is
-        some twenty tiny kernels (the whole cost on small maps). An entry holds for the same tensor objects
-        (weak references: .to() or .half() make new ones, even where the allocator hands back the old
-        address), the same storage (`.data = ...` swaps it) and the same version counters (in-place
-        updates: load_state_dict, an optimizer step, running statistics).
-        """
-        if not self._cacheable(inputs):
-            return build()
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in inputs)
-        entry = self._inference_cache.get(name)
-        if entry is None or entry[1] != key or any(ref() is not t for ref, t in zip(entry[0], inputs)):
-            with torch.no_grad():
-                entry = ([weakref.ref(t) for t in inputs], key, build())
-            self._inference_cache[name] = entry
-        return entry[2]
+    def _forward_folded(self, x: Tensor, branches: list, project: list) -> Tensor:
+        """Every BatchNorm in eval mode: the op with the branch BNs and ReLUs as its epilogue, then the pooling
+        branch and the projection as plain convolutions with their BNs folded into weights and a bias."""
+        plan = self._inference_plan(x, branches, project)
+        y = multi_rate_conv2d(x, plan.w1x1, plan.w3x3, _rates(branches), plan.scale, plan.shift, relu=True,
+                              backend=self.backend)
+        pooled = F.conv2d(F.adaptive_avg_pool2d(x, 1), plan.w_pool, plan.b_pool).relu_()  # [N, Co, 1, 1]
+        # The pooled branch is constant over H x W: through the 1x1 projection it is a per-image bias.
+        bias = F.conv2d(pooled.to(y.dtype), plan.w_project_pooled, plan.b_project)       # [N, Co, 1, 1]
+        out = F.conv2d(y, plan.w_project_branches).add_(bias).relu_()
+        # Hand back x's memory format, as torchvision's ASPP does (the fused op works in channels_last).
+        return out.contiguous(memory_format=_memory_format_of(x))
 
-    def __getstate__(self):
-        # The cache holds weak references, which do not pickle (torch.save of a whole module); it rebuilds.
-        state = self.__dict__.copy()
-        state["_inference_cache"] = {}
-        return state
+    def _forward_modules(self, x: Tensor, branches: list, project: list) -> Tensor:
+        """Training (or frozen branch BNs with a training projection, or hooks): the op, then the modules."""
+        w1x1, w3x3 = self._branch_weights(x, branches)
+        bns = [_children(b)[1] for b in branches[:-1]]
+        if all(folds(bn) for bn in bns) and not has_hooks(bns + [_children(b)[2] for b in branches[:-1]]):
+            scale, shift = self._cached_fold("epilogue", bns)
+            parts = [multi_rate_conv2d(x, w1x1, w3x3, _rates(branches), scale, shift, relu=True, backend=self.backend)]
+        else:
+            fused = multi_rate_conv2d(x, w1x1, w3x3, _rates(branches), backend=self.backend)
+            # Each branch made contiguous before its BatchNorm: on a channel slice of the channels_last output,
+            # BatchNorm's forward and backward take a strided path several times slower than the copy (CPU,
+            # voc-os16's CPU size: 6.5 ms against 1.7 ms for the four branches, forward and backward).
+            parts = [_children(b)[2](_children(b)[1](y.contiguous(memory_format=torch.channels_last)))
+                     for b, y in zip(branches[:-1], fused.split(self.out_channels, 1))]
+        pooled = branches[-1](x).to(parts[0].dtype)  # [N, Co, 1, 1], constant over H x W
+        # As torchvision: the pooled branch broadcast and concatenated, one projection conv. The broadcast is
+        # laid out channels_last like the branches, so that the concatenation is too: a mixed one comes out
+        # NCHW, and then every branch ReLU's backward reads an NCHW grad against a channels_last result
+        # (a strided path, 5x slower on the CPU).
+        n, _, h, w = x.shape
+        broadcast = pooled.expand(n, pooled.shape[1], h, w).contiguous(memory_format=torch.channels_last)
+        cat = torch.cat(parts + [broadcast], dim=1)
+        projected = project[0](cat).contiguous(memory_format=_memory_format_of(x))
+        return project[3](project[2](project[1](projected)))
 
-    def _branch_weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """w1x1 [Co, C, 1, 1] and the atrous weights stacked into [B, Co, C, 3, 3].
-
-        The stack is laid out for the backend that will read it, so that its own re-layout is a view:
-        K-major ([B, 3, 3, C, Co] underneath, and w1x1 as [C, Co] when cached) for the Triton kernels, each
-        branch channels_last for the others (cuDNN's and oneDNN's NHWC convolutions; the cuda backend's
-        packing reads either). For inference it is cached (_cached); under torch.compile it is a plain stack
-        in the graph.
-        """
-        w1x1 = self.convs[0][0].weight
-        weights = [branch[0].weight for branch in self.convs[1:-1]]
-        if torch.compiler.is_compiling():
-            return w1x1, torch.stack(weights)
-        k_major = _backend.resolve(self.backend, x.device, x.dtype) == "triton"
-
-        def stack_k_major() -> Tensor:  # [B, 3, 3, C, Co]
-            return torch.stack([w.permute(2, 3, 1, 0) for w in weights])
-
-        if not self._cacheable([w1x1] + weights):
-            # Training: the stack is a copy either way; made K-major, it is the only one (the Triton backend's
-            # re-layout is then a view).
-            return w1x1, stack_k_major().permute(0, 4, 3, 1, 2) if k_major else torch.stack(weights)
-        if k_major:
-            co, c = w1x1.shape[:2]
-            w1_kc, w3_kc = self._cached("weights:k-major", [w1x1] + weights,
-                                        lambda: (w1x1.reshape(co, c).t().contiguous(), stack_k_major()))
-            return w1_kc.t()[:, :, None, None], w3_kc.permute(0, 4, 3, 1, 2)
-        return w1x1, self._cached("weights:channels-last", weights, lambda: torch.stack(
-            [w.permute(0, 2, 3, 1) for w in weights]).permute(0, 1, 4, 2, 3))
-
-    def _folded_epilogue(self) -> tuple[Tensor, Tensor]:
-        """Per-channel scale and shift [(1+B)*Co] of the branch BatchNorms in eval mode (differentiable;
-        cached for inference)."""
-        bns = [branch[1] for branch in self.convs[:-1]]
-
-        def fold() -> tuple[Tensor, Tensor]:
-            scales, shifts = [], []
-            for bn in bns:
-                dtype = torch.float64 if bn.running_var.dtype == torch.float64 else torch.float32
-                inv_std = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-                scale = inv_std * bn.weight.to(dtype) if bn.weight is not None else inv_std
-                shift = -bn.running_mean.to(dtype) * scale
-                if bn.bias is not None:
-                    shift = shift + bn.bias.to(dtype)
-                scales.append(scale)
-                shifts.append(shift)
-            return torch.cat(scales), torch.cat(shifts)
-
-        # eps is a plain attribute, not a tensor: part of the key through the entry's name.
-        inputs = [t for bn in bns for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]
-        return self._cached("epilogue:" + ",".join(str(bn.eps) for bn in bns), inputs, fold)
-
-    def _can_fold(self) -> bool:
-        return all(not branch[1].training and branch[1].running_var is not None for branch in self.convs[:-1])
-
-    def _check_batch(self, x: Tensor) -> None:
+    def _check_batch(self, x: Tensor, branches: list) -> None:
         if x.dim() != 4:
             raise ValueError(f"FusedASPP expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"FusedASPP was built for {self.in_channels} input channels, got {x.shape[1]}")
-        pool_bn = self.convs[-1][2]
+        conv1x1 = _children(branches[0])[0]
+        if x.shape[1] != conv1x1.in_channels:
+            raise ValueError(f"FusedASPP was built for {conv1x1.in_channels} input channels, got {x.shape[1]}")
+        pool_bn = _children(branches[-1])[2]
         if pool_bn.training and x.shape[0] == 1:
-            index = len(self.convs) - 1
+            index = len(branches) - 1
             raise ValueError(
                 f"FusedASPP got a batch of 1 in training mode: the image-pooling branch's BatchNorm "
                 f"(convs.{index}.2) sees one value per channel and cannot compute batch statistics. "
                 f"Train with batch size >= 2, or put that BatchNorm in eval mode to use its running "
                 f"statistics (aspp.convs[{index}][2].eval(), or model.eval() for inference).")
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_batch(x)
-        w1x1, w3x3 = self._branch_weights(x)
-        if self._can_fold():
-            scale, shift = self._folded_epilogue()
-            parts = [multi_rate_conv2d(x, w1x1, w3x3, self.rates, scale, shift, relu=True, backend=self.backend)]
-        else:
-            fused = multi_rate_conv2d(x, w1x1, w3x3, self.rates, backend=self.backend)
-            parts = [branch[2](branch[1](y)) for branch, y in zip(self.convs[:-1], fused.split(self.out_channels, 1))]
-        branches = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        pooled = self.convs[-1](x).to(branches.dtype)  # [N, Co, 1, 1], constant over H x W
-        # Hand back x's memory format, as torchvision's ASPP does (the fused op works in channels_last).
-        projected = self._project_conv(branches, pooled).contiguous(memory_format=_memory_format_of(x))
-        return self.project[1:](projected)
+    def _branch_weights(self, x: Tensor, branches: list) -> tuple[Tensor, Tensor]:
+        """w1x1 [Co, C, 1, 1] and the atrous weights stacked into [B, Co, C, 3, 3].
 
-    def _project_conv(self, branches: Tensor, pooled: Tensor) -> Tensor:
-        """project[0] applied to cat(branches, pooled broadcast to H x W), without building the cat.
-
-        torchvision upsamples the pooled branch to H x W and concatenates; a 1x1 conv of a spatially
-        constant block is a per-image bias, so the concatenated tensor is never materialised.
+        The stack is laid out for the backend that will read it, so that its own re-layout is a view:
+        K-major ([B, 3, 3, C, Co] underneath, and w1x1 as [C, Co] when cached) for the Triton kernels, each
+        branch channels_last for the others (cuDNN's and oneDNN's NHWC convolutions; the cuda backend's
+        packing reads either). For inference it is cached; under torch.compile it is a plain stack in the graph.
         """
-        weight = self.project[0].weight  # [Co, (2+B)*Co, 1, 1]
-        k = branches.shape[1]
-        # The two column blocks as dense tensors (a convolution copies a strided weight on every call).
-        w_branches, w_pooled = self._cached("project", [weight], lambda: (weight[:, :k].contiguous(),
-                                                                           weight[:, k:].contiguous()))
-        bias = F.conv2d(pooled, w_pooled)  # [N, Co, 1, 1]
-        return F.conv2d(branches, w_branches) + bias
+        w1x1 = _children(branches[0])[0].weight
+        weights = [_children(b)[0].weight for b in branches[1:-1]]
+        if torch.compiler.is_compiling():
+            return w1x1, torch.stack(weights)
+        layout = self._weight_layout(x)
+        if not cacheable([w1x1] + weights):
+            # Training: the stack is a copy either way. Made K-major for the Triton kernels, it is the only
+            # one (their re-layout is then a view); the others take the plain stack (one op, where laying
+            # it out channels_last would be four more a step, each with its backward).
+            return _laid_out(w1x1, weights, layout) if layout == "k-major" else (w1x1, torch.stack(weights))
+        return self._inference_cache.get("weights:" + layout, [w1x1] + weights,
+                                         lambda: _laid_out(w1x1, weights, layout))
+
+    def _weight_layout(self, x: Tensor) -> str:
+        """"k-major" where the call resolves to the Triton backend, else "channels-last" (see _branch_weights)."""
+        return "k-major" if _backend.resolve(self.backend, x.device, x.dtype) == "triton" else "channels-last"
+
+    def _cached_fold(self, name: str, bns: list) -> tuple[Tensor, Tensor]:
+        """Per-channel scale and shift of these eval-mode BatchNorms, concatenated (differentiable where
+        needed, cached for inference; eps, a plain attribute, is part of the entry's name)."""
+        def fold() -> tuple[Tensor, Tensor]:
+            scales, shifts = zip(*(fold_batchnorm(bn) for bn in bns))
+            return torch.cat(scales), torch.cat(shifts)
+
+        inputs = [t for bn in bns for t in batchnorm_tensors(bn)]
+        return self._inference_cache.get(name + ":" + ",".join(str(bn.eps) for bn in bns), inputs, fold)
+
+    def _inference_plan(self, x: Tensor, branches: list, project: list) -> "_InferencePlan":
+        """Everything the folded forward needs that depends on weights and statistics only (cached)."""
+        w1x1 = _children(branches[0])[0].weight
+        weights = [_children(b)[0].weight for b in branches[1:-1]]
+        bns = [_children(b)[1] for b in branches[:-1]]
+        pool = _children(branches[-1])
+        pool_conv, pool_bn = pool[1], pool[2]
+        project_conv, project_bn = project[0], project[1]
+        layout = "plain" if torch.compiler.is_compiling() else self._weight_layout(x)
+        k = w1x1.shape[0] * len(bns)  # the branches' columns of the projection
+
+        def build() -> _InferencePlan:
+            w1, w3 = (w1x1, torch.stack(weights)) if layout == "plain" else _laid_out(w1x1, weights, layout)
+            scales, shifts = zip(*(fold_batchnorm(bn) for bn in bns))
+            w_pool, b_pool = _fold_into_conv(pool_conv.weight, pool_bn)
+            w_project, b_project = _fold_into_conv(project_conv.weight, project_bn)
+            return _InferencePlan(w1, w3, torch.cat(scales), torch.cat(shifts), w_pool, b_pool,
+                                  w_project[:, :k].contiguous(), w_project[:, k:].contiguous(), b_project)
+
+        folded = bns + [pool_bn, project_bn]
+        inputs = ([w1x1] + weights + [t for bn in folded for t in batchnorm_tensors(bn)]
+                  + [pool_conv.weight, project_conv.weight])
+        name = f"inference:{layout}:" + ",".join(str(bn.eps) for bn in folded)
+        return self._inference_cache.get(name, inputs, build)
+
+
+@dataclass(frozen=True)
+class _InferencePlan:
+    """The folded forward's weights: the op's inputs, and the pooling branch and projection with their BNs
+    folded (w * scale per output channel, computed in fp32 and held in the weight's dtype, as the bias)."""
+
+    w1x1: Tensor                # [Co, C, 1, 1]
+    w3x3: Tensor                # [B, Co, C, 3, 3], laid out for the backend (see _branch_weights)
+    scale: Tensor               # [(1+B)*Co] the branch BNs
+    shift: Tensor               # [(1+B)*Co]
+    w_pool: Tensor              # [Co, C, 1, 1]
+    b_pool: Tensor              # [Co]
+    w_project_branches: Tensor  # [Co, (1+B)*Co, 1, 1]
+    w_project_pooled: Tensor    # [Co, Co, 1, 1]
+    b_project: Tensor           # [Co]
+
+
+def _children(container: nn.Module) -> list:
+    return list(container._modules.values())
+
+
+def _rates(branches: list) -> tuple[int, ...]:
+    return tuple(int(_children(b)[0].dilation[0]) for b in branches[1:-1])
+
+
+def _fold_into_conv(weight: Tensor, bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """(weight * scale, shift): bn(conv(x, weight)) == conv(x, weight * scale) + shift for an eval-mode bn,
+    computed in fp32 (fp64) and held in weight's dtype (F.conv2d wants one dtype)."""
+    scale, shift = fold_batchnorm(bn)
+    folded = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(weight.dtype)
+    return folded, shift.to(weight.dtype)
+
+
+def _laid_out(w1x1: Tensor, weights: list, layout: str) -> tuple[Tensor, Tensor]:
+    """(w1x1 [Co, C, 1, 1], w3x3 [B, Co, C, 3, 3]) over storage laid out for the backend (see _branch_weights)."""
+    if layout == "k-major":
+        co, c = w1x1.shape[:2]
+        return w1x1.reshape(co, c).t().contiguous().t()[:, :, None, None], _stack_k_major(weights).permute(0, 4, 3, 1, 2)
+    return w1x1, _stack_channels_last(weights)
+
+
+def _stack_k_major(weights: list) -> Tensor:
+    """[B, 3, 3, C, Co] from B weights [Co, C, 3, 3]."""
+    return torch.stack([w.permute(2, 3, 1, 0) for w in weights])
+
+
+def _stack_channels_last(weights: list) -> Tensor:
+    """[B, Co, C, 3, 3] whose branches are each channels_last."""
+    return torch.stack([w.permute(0, 2, 3, 1) for w in weights]).permute(0, 1, 4, 2, 3)
