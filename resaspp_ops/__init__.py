@@ -5,6 +5,7 @@
     convert_aspp        swap FusedASPP into an existing model; revert_aspp swaps back
     resolution_aware_rate(s), fov_size   the atrous-rate guideline of Kim et al.
     backends()          which backends can run here, and why not
+    export              ONNX export of the fused ops (registered at import); TorchScript refused with a way out
 
 Importing the package queries no GPU and loads no compiled code.
 """
@@ -17,6 +18,9 @@ from resaspp_ops._version import __version__
 from resaspp_ops.nn import FusedASPP, convert_aspp, revert_aspp
 from resaspp_ops.ops import multi_rate_conv2d, multi_rate_conv2d_reference
 from resaspp_ops.rates import fov_size, resolution_aware_rate, resolution_aware_rates
+from resaspp_ops.export import register_onnx_decompositions as _register_onnx_decompositions
+
+_register_onnx_decompositions()  # torch.onnx.export(..., dynamo=True) of the fused ops: see resaspp_ops.export
 
 
 def backends(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> dict:

@@ -80,7 +80,18 @@ def cmd_info(args) -> int:
             print(f"  {name:10s} {'available' if ok else 'unavailable'}: {reason}")
     choice, why = B.auto_choice("cuda", torch.bfloat16)
     print(f"auto for a CUDA bf16 tensor: {choice} ({why})")
+    print(f"ONNX export (torch.onnx.export(..., dynamo=True)): {onnx_export_status()}")
     return 0
+
+
+def onnx_export_status() -> str:
+    """Whether torch.onnx.export(dynamo=True) can run here, and if not, what to install."""
+    import importlib.util
+
+    missing = [m for m in ("onnxscript", "onnx") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"needs {', '.join(missing)}: pip install 'resaspp_ops[onnx]'"
+    return "available (the fused ops export as standard ONNX Conv/Concat/Mul/Add/Relu nodes)"
 
 
 # Subcommands with parsers of their own: `main` hands them the rest of the command line untouched

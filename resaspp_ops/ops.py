@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from resaspp_ops import backend as _backend
+from resaspp_ops.export import refuse_torchscript
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -237,6 +238,7 @@ def multi_rate_conv2d(x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int
 
     Under torch.autocast, x and the weights are cast to the autocast dtype as nn.Conv2d's would be.
     """
+    refuse_torchscript()
     rates = check_rates(rates)
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")

@@ -1,6 +1,7 @@
 """FusedASPP: torchvision's ASPP with the 1x1 and atrous branches in one fused op."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resaspp_ops import backend as _backend
+from resaspp_ops.export import TORCHSCRIPT_MESSAGE, refuse_torchscript
 from resaspp_ops.nn.inference_cache import (InferenceCache, batchnorm_tensors, cacheable, fold_batchnorm, folds,
                                             has_hooks)
 from resaspp_ops.ops import check_rates, multi_rate_conv2d
@@ -94,7 +96,15 @@ class FusedASPP(nn.Module):
     # The hot path reads the submodules through _modules (dict lookups): indexing or slicing a ModuleList or
     # Sequential builds containers, which cost more than a small map's whole computation.
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(TORCHSCRIPT_MESSAGE)  # torch.jit.script calls this first: fail at once, with a way out
+
     def forward(self, x: Tensor) -> Tensor:
+        refuse_torchscript()
+        if self.training and torch.onnx.is_in_onnx_export():
+            warnings.warn("FusedASPP is exported to ONNX in training mode: the graph normalises with batch statistics. "
+                          "ONNX export is meant for inference (call model.eval() first); training-mode graphs are "
+                          "not checked against ONNX Runtime.", stacklevel=2)
         branches = _children(self.convs)    # [Sequential(conv, bn, relu)] * (1+B) + [Sequential(pool, conv, bn, relu)]
         project = _children(self.project)   # conv, bn, relu, dropout
         self._check_batch(x, branches)
