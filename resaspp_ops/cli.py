@@ -78,8 +78,9 @@ def cmd_info(args) -> int:
         for name in B.NAMES:
             ok, reason = B.status(name, device)
             print(f"  {name:10s} {'available' if ok else 'unavailable'}: {reason}")
-    choice, why = B.auto_choice("cuda", torch.bfloat16)
-    print(f"auto for a CUDA bf16 tensor: {choice} ({why})")
+    for dtype, short in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        choice, why = B.auto_choice("cuda", dtype)
+        print(f"auto for a CUDA {short} tensor: {choice} ({why})")
     print(f"ONNX export (torch.onnx.export(..., dynamo=True)): {onnx_export_status()}")
     return 0
 

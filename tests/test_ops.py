@@ -270,3 +270,22 @@ def test_the_reference_backend_plans_only_live_taps():
     assert convs[2].padding == (0, 6) and convs[2].dilation == (1, 6)
     assert [c.branches for c in plan(33, 33, (6, 12, 18))] == [(0,), (1,), (2,), (3,)]
     assert [c.branches for c in plan(7, 7, (12, 2, 30))] == [(0, 1, 3), (2,)]  # out of order: placed back
+
+
+def test_auto_order_follows_the_arch_dtype_and_tf32_switch(monkeypatch):
+    """backend="auto" on CUDA: Triton first on sm_90 for fp16/bf16/TF32 (until GPU numbers decide), the CUDA
+    kernels first elsewhere; fp32 with TF32 off goes to PyTorch (no fused kernel expected to beat cuDNN's exact
+    fp32), and the reason says so."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert backend_registry.auto_order(cuda, torch.bfloat16)[0] == ("triton", "cuda", "reference")
+    assert backend_registry.auto_order(cuda, torch.float32)[0][0] == "triton"
+    assert backend_registry.auto_order(cuda, torch.float64)[0][0] == "cuda"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    order, why = backend_registry.auto_order(cuda, torch.float32)
+    assert order == ("reference",) and "allow_tf32" in why
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert backend_registry.auto_order(cuda, torch.bfloat16)[0][0] == "cuda"
+    assert backend_registry.auto_order(torch.device("cpu"), torch.bfloat16)[0] == ("reference",)

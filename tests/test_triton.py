@@ -108,8 +108,15 @@ _FP32_CASES = [
 ]
 
 
+@pytest.fixture(params=["v2", "v1"])
+def version(request):
+    """Both kernel designs (RESASPP_TRITON_KERNEL): the second is the default, the first kept selectable."""
+    with triton_backend.use_kernel_version(request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize("p,layout,epilogue,relu", _FP32_CASES, ids=[f"{c[0]}-{c[1]}" for c in _FP32_CASES])
-def test_float32_matches_float64(p, layout, epilogue, relu):
+def test_float32_matches_float64(version, p, layout, epilogue, relu):
     check_against_float64(p, torch.float32, layout, epilogue, relu, floor=1e-5)
 
 
@@ -130,7 +137,7 @@ _HALF_CASES = [
 
 @pytest.mark.parametrize("p,dtype,layout,epilogue", _HALF_CASES,
                          ids=[f"{c[0]}-{str(c[1])[6:]}-{c[2]}" for c in _HALF_CASES])
-def test_half_matches_float64(p, dtype, layout, epilogue):
+def test_half_matches_float64(version, p, dtype, layout, epilogue):
     check_against_float64(p, dtype, layout, epilogue, relu=False, floor=1e-3)
 
 
@@ -144,7 +151,7 @@ def test_forward_relu_half():
     assert (y >= 0).all()
 
 
-def test_64bit_offset_paths(monkeypatch):
+def test_64bit_offset_paths(version, monkeypatch):
     """The int64 index paths (taken where a tensor can pass 2^31 elements) give the same results."""
     from resaspp_ops.backend.triton import configs
 
@@ -153,9 +160,10 @@ def test_64bit_offset_paths(monkeypatch):
                           floor=1e-5)
 
 
-def test_autotuned_launch_path(monkeypatch):
-    """The CUDA default path (autotuner, pruners, grid from META, best_config), with fake timings: the
-    interpreter cannot time a kernel, so every config ties and the first pruned one runs."""
+def test_autotuned_launch_path(version, monkeypatch):
+    """The opt-in autotuning path (RESASPP_TRITON_AUTOTUNE=1: autotuner, pruners, grid from META, best_config),
+    with fake timings: the interpreter cannot time a kernel, so every config ties and the first pruned one runs.
+    The second design times at most six candidates a kernel."""
     from triton.runtime import autotuner
 
     from resaspp_ops.backend.triton import configs
@@ -168,14 +176,32 @@ def test_autotuned_launch_path(monkeypatch):
         return [1.0, 1.0, 1.0]
 
     monkeypatch.setattr(autotuner.Autotuner, "_bench", fake_bench)
-    check_against_float64(Problem(1, 20, 12, 9, 13, (2, 5)), torch.float32, "nchw", epilogue=True, relu=False,
+    co = 12 if version == "v1" else 130  # v2 prunes blocks wider than the channels: 130 keeps every candidate
+    check_against_float64(Problem(1, 20, co, 9, 13, (2, 5)), torch.float32, "nchw", epilogue=True, relu=False,
                           floor=1e-5)
     assert pruned and all(c.kwargs["BLOCK_M"] >= 64 and c.num_warps % 4 == 0 for c in pruned if "BLOCK_M" in c.kwargs)
+    if version == "v2":
+        tried = {(c.kwargs["BLOCK_N"], c.kwargs["STAGES"], c.num_warps) for c in pruned if "STAGES" in c.kwargs}
+        assert 2 <= len(tried) <= 6, tried
+
+
+def test_a_new_shape_compiles_one_config_a_kernel_by_default(monkeypatch):
+    """No first-call autotuning: without RESASPP_TRITON_AUTOTUNE a CUDA call takes the heuristic config
+    (one compile a kernel); =1 opts in."""
+    from resaspp_ops.backend.triton import configs
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.delenv("RESASPP_TRITON_AUTOTUNE", raising=False)
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    assert not configs.autotune_enabled(cuda)
+    monkeypatch.setenv("RESASPP_TRITON_AUTOTUNE", "1")
+    assert configs.autotune_enabled(cuda)
+    assert len(configs.V2_TUNED) <= 6
 
 
 # ------------------------------------------------------------------------------------------------ determinism
 
-def test_backward_is_bitwise_reproducible():
+def test_backward_is_bitwise_reproducible(version):
     p = Problem(2, 20, 12, 9, 13, (1, 2, 3))
     x, w1, w3, scale, shift = make_problem(p, torch.float32, epilogue=True)
     grad_out = torch.randn((p.n, 4 * p.co, p.h, p.w), generator=torch.Generator().manual_seed(1))
@@ -213,6 +239,12 @@ def _conv_expected(record):
     return record["n_img"] * blocks * (tiles * record["branches"] + live)
 
 
+@pytest.fixture
+def first_design():
+    with triton_backend.use_kernel_version("v1"):
+        yield
+
+
 def _counted_pass(p: Problem):
     x, w1, w3, _, _ = make_problem(p, torch.float32, requires_grad=True)
     with triton_backend.count_tap_tiles() as counter:
@@ -221,7 +253,7 @@ def _counted_pass(p: Problem):
     return counter, x, w1, w3, y
 
 
-def test_skipping_rates_beyond_the_map_do_only_centre_work():
+def test_skipping_rates_beyond_the_map_do_only_centre_work_v1(first_design):
     p = Problem(1, 8, 8, 7, 9, (9, 18, 27))  # every rate >= H and W
     counter, x, w1, w3, y = _counted_pass(p)
     fwd = [r for r in counter.records if r["kernel"] == "forward"]
@@ -240,7 +272,7 @@ def test_skipping_rates_beyond_the_map_do_only_centre_work():
                       what="centre-only forward")
 
 
-def test_skipping_rate_one_does_all_the_work():
+def test_skipping_rate_one_does_all_the_work_v1(first_design):
     p = Problem(1, 8, 8, 8, 8, (1, 1))
     counter, *_ = _counted_pass(p)
     for r in counter.records:
@@ -251,7 +283,7 @@ def test_skipping_rate_one_does_all_the_work():
     assert wgrad["tap_tiles"] > 0
 
 
-def test_skipping_matches_the_rule_tile_by_tile():
+def test_skipping_matches_the_rule_tile_by_tile_v1(first_design):
     p = Problem(2, 8, 8, 13, 11, (1, 5, 12))  # some taps of some tiles dead, others live
     counter, *_ = _counted_pass(p)
     conv = [r for r in counter.records if r["kernel"] in ("forward", "dgrad")]
@@ -262,6 +294,56 @@ def test_skipping_matches_the_rule_tile_by_tile():
     # some tiles: strictly between centre-only and dense
     for r in conv:
         assert r["programs"] * r["branches"] < r["tap_tiles"] < r["programs"] * (r["branches"] + 8 * len(r["rates"]))
+
+def _v2_records(p: Problem):
+    counter, x, w1, w3, y = _counted_pass(p)
+    by_kernel = {r["kernel"]: r for r in counter.records}
+    return by_kernel, x, w1, w3, y
+
+
+def test_second_design_processes_exactly_the_plans_live_taps_and_loads():
+    """forward_v2 and dgrad_v2 do the live taps of their work list and nothing else (tap tiles), and read the
+    operand elements the work list predicts (what the lowering report prints as A and B bytes)."""
+    from resaspp_ops.backend.jobs import dgrad_operand_elements, dgrad_plan, forward_operand_elements
+
+    for p in (Problem(2, 8, 8, 13, 11, (1, 5, 12)), Problem(3, 5, 7, 4, 4, (1, 2)), AWKWARD[3]):
+        records, *_ = _v2_records(p)
+        fwd, dgrad = records["forward_v2"], records["dgrad_v2"]
+        plan = fwd["plan"]
+        assert fwd["tap_tiles"] == fwd["n_blocks"] * int(plan.live_tap_count().sum())
+        assert (fwd["a_elements"], fwd["b_elements"]) == forward_operand_elements(
+            plan, p.c, p.co, -(-p.co // fwd["n_blocks"])), p
+        dplan = dgrad_plan(dgrad["plan"])
+        assert dgrad["tap_tiles"] == dgrad["n_blocks"] * (dplan.jobs.shape[0] + int(
+            sum(dplan.n_segments[t] for _, t in dplan.jobs.tolist())))
+        assert (dgrad["a_elements"], dgrad["b_elements"]) == dgrad_operand_elements(
+            dplan, p.c, p.co, -(-p.c // dgrad["n_blocks"])), p
+
+
+def test_second_design_skips_rates_beyond_the_map_to_centre_work():
+    p = Problem(1, 8, 8, 7, 9, (9, 18, 27))  # every rate >= H and W
+    records, x, w1, w3, y = _v2_records(p)
+    fwd = records["forward_v2"]
+    assert fwd["tap_tiles"] == fwd["programs"]  # one tap (the centre) a job
+    wgrad = records["wgrad"]
+    assert wgrad["tap_tiles"] == 0 and wgrad["centre_tiles"] > 0
+    off_centre = w3.grad.clone()
+    off_centre[..., 1, 1] = 0
+    assert torch.count_nonzero(off_centre) == 0  # the dead taps' grads: the zeroed columns, exact
+    assert_error_rule(y, float64_reference(x, w1, w3, p.rates),
+                      resaspp_ops.multi_rate_conv2d_reference(x.detach(), w1.detach(), w3.detach(), p.rates),
+                      what="centre-only forward v2")
+
+
+def test_second_design_wgrad_grid_holds_only_programs_with_work():
+    """The wgrad work list: the centre job's column blocks, and each tap with any live pixel its own (fewer)."""
+    from resaspp_ops.backend.triton.design_v2 import wgrad_jobs
+
+    work, zero = wgrad_jobs(33, 33, 2048, 256, (6, 12, 18), 128, 128)
+    assert work.shape[0] == 16 * 8 + 24 * 16 * 2 and not zero   # 896 (the first design's grid: 3,200)
+    work, zero = wgrad_jobs(8, 8, 64, 16, (12, 24, 36), 64, 64)
+    assert (work[:, 0] == 0).all() and len(zero) == 24       # unet-stare: only the centre job has work
+
 
 # ------------------------------------------------------------------------------------------------ compile
 
@@ -282,7 +364,7 @@ def test_compile_fullgraph_through_the_custom_op():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_loop_a_tap_variant(monkeypatch):
+def test_loop_a_tap_variant(first_design, monkeypatch):
     """The other tap loop (FLAT=False, one K loop a live tap; the autotuner times both): same results, same
     skipping."""
     from resaspp_ops.backend.triton import configs
@@ -346,13 +428,13 @@ def test_fused_aspp_inference_hands_the_kernels_their_layout(monkeypatch):
     x = torch.randn(2, 12, 6, 7)
     k = triton_backend._kernels()
     seen = []
-    real_run = k.forward.run
+    real_run = k.forward_v2.run
 
     def run(xh, w1p, w3p, *args, **kwargs):
         seen.append((w1p.data_ptr(), w3p.data_ptr()))
         return real_run(xh, w1p, w3p, *args, **kwargs)
 
-    monkeypatch.setattr(k.forward, "run", run)
+    monkeypatch.setattr(k.forward_v2, "run", run)
     with torch.no_grad():
         y = fused(x)
         plan = fused._inference_cache.peek("inference:k-major")
@@ -374,7 +456,7 @@ def test_fused_aspp_training_matches_torchvision_with_k_major_weights(monkeypatc
         m.project[3].p = 0.0  # dropout off: the same function on both sides
     k = triton_backend._kernels()
     shared = []
-    real_forward, real_run = triton_backend.forward, k.forward.run
+    real_forward, real_run = triton_backend.forward, k.forward_v2.run
 
     def forward(x, w1x1, w3x3, *args):
         shared.append(w3x3.data_ptr())
@@ -385,7 +467,7 @@ def test_fused_aspp_training_matches_torchvision_with_k_major_weights(monkeypatc
         return real_run(xh, w1p, w3p, *args, **kwargs)
 
     monkeypatch.setattr(triton_backend, "forward", forward)
-    monkeypatch.setattr(k.forward, "run", run)
+    monkeypatch.setattr(k.forward_v2, "run", run)
     x = torch.randn(2, 8, 5, 6)
     outs = []
     for m in (tv, fused):

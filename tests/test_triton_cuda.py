@@ -34,12 +34,14 @@ _CASES = AWKWARD + [
 ]
 
 
+@pytest.mark.parametrize("version", ["v2", "v1"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("p", _CASES, ids=str)
-def test_matches_float64(p, dtype, gpu_device):
+def test_matches_float64(p, dtype, version, gpu_device):
     relu = dtype == torch.float32  # see test_triton.py: a 16-bit ReLU mask may flip near zero
-    check_against_float64(p, dtype, "channels_last", epilogue=True, relu=relu,
-                          floor=1e-5 if dtype == torch.float32 else 1e-3, device=gpu_device)
+    with triton_backend.use_kernel_version(version):
+        check_against_float64(p, dtype, "channels_last", epilogue=True, relu=relu,
+                              floor=1e-5 if dtype == torch.float32 else 1e-3, device=gpu_device)
 
 
 def test_nchw_and_strided_inputs(gpu_device):
@@ -79,18 +81,24 @@ def test_backward_bitwise_reproducible(gpu_device):
             assert torch.equal(a, b)
 
 
-def test_skipping_on_the_gpu(gpu_device):
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_skipping_on_the_gpu(gpu_device, version):
     p = Problem(2, 64, 32, 9, 11, (12, 24, 36))
     x, w1, w3, _, _ = make_problem(p, torch.bfloat16, device=gpu_device, requires_grad=True)
-    with triton_backend.count_tap_tiles() as counter:
+    with triton_backend.use_kernel_version(version), triton_backend.count_tap_tiles() as counter:
         y = resaspp_ops.multi_rate_conv2d(x, w1, w3, p.rates, backend="triton")
         y.backward(torch.ones_like(y))
-    assert {r["kernel"] for r in counter.records} >= {"forward", "dgrad", "wgrad"}, counter.records
+    suffix = "_v2" if version == "v2" else ""
+    assert {r["kernel"] for r in counter.records} >= {"forward" + suffix, "dgrad" + suffix, "wgrad"}, counter.records
     for r in counter.records:
         if r["kernel"] == "wgrad":
             assert r["tap_tiles"] == 0
-        else:
+        elif version == "v1":
             assert r["tap_tiles"] == r["programs"] * r["branches"]
+        elif r["kernel"] == "forward_v2":
+            assert r["tap_tiles"] == r["programs"]  # the centre tap alone, every job
+        else:
+            assert r["tap_tiles"] == r["programs"]  # dgrad: the centre segment alone, every (tile, C block)
     off = w3.grad.clone()
     off[..., 1, 1] = 0
     assert torch.count_nonzero(off) == 0

@@ -263,7 +263,7 @@ phase_bench() {  # phase_bench NAME OUTDIR ARGS...
 FIRST_BENCH_PRESETS="voc-os16 voc-os8 cityscapes-os8 unet-stare"
 FIRST_BENCH_ARGS=(--levels module --dtypes bfloat16 --modes fwd,fwd+bwd --rate-sets default,paper
   --presets "${FIRST_BENCH_PRESETS// /,}"
-  --providers torchvision-eager,torchvision-eager-cl,torchvision-compile,fused-triton,fused-cuda,fused-auto,fused-auto-compile
+  --providers torchvision-eager,torchvision-eager-cl,torchvision-compile,fused-triton,fused-triton-v1,fused-cuda,fused-auto,fused-auto-compile
   --compile-mode reduce-overhead --tag bf16-module)
 
 phase_bench_first() {  # phase_bench_first [--check-only]: the timed run, or its correctness sweep
@@ -290,7 +290,7 @@ phase_bench_first() {  # phase_bench_first [--check-only]: the timed run, or its
 # convolutions alone, the kernels' own speed against 1+B cuDNN convs.
 SECOND_BENCH_ARGS=(--levels branches --dtypes bfloat16 --modes fwd,fwd+bwd --rate-sets default
   --presets voc-os16,voc-os8,cityscapes-os8,unet-stare
-  --providers conv2d-eager,conv2d-eager-cl,conv2d-compile,fused-triton,fused-cuda,fused-auto
+  --providers conv2d-eager,conv2d-eager-cl,conv2d-compile,fused-triton,fused-triton-v1,fused-cuda,fused-auto
   --compile-mode reduce-overhead --tag bf16-branches)
 
 phase_session() {

@@ -24,8 +24,12 @@ from typing import NamedTuple
 import torch
 
 NAMES = ("reference", "cuda", "triton")
-# The order "auto" tries on a CUDA device; the CPU always gets the reference (oneDNN) path.
+# The order "auto" tries on a CUDA device by default (auto_order refines it per arch and dtype); the CPU
+# always gets the reference (oneDNN) path.
 AUTO_ORDER_CUDA = ("cuda", "triton", "reference")
+# On Hopper, for fp16 / bf16 / TF32: Triton first until GPU numbers decide (benchmarks/NOTES.md: the CUDA
+# backend's WMMA kernels are modelled at 0.3-0.7x cuDNN, the Triton second design at or above it).
+AUTO_ORDER_SM90 = ("triton", "cuda", "reference")
 
 
 class BackendStatus(NamedTuple):
@@ -52,10 +56,22 @@ def status(name: str, device: torch.device | str, dtype: torch.dtype = torch.flo
     return BackendStatus(bool(ok), reason)
 
 
-def _auto_pick(device: torch.device, dtype: torch.dtype) -> str:
+def auto_order(device: torch.device, dtype: torch.dtype) -> tuple[tuple[str, ...], str]:
+    """(the backends "auto" tries in order for tensors of this device and dtype, why that order)."""
     if device.type != "cuda":
-        return "reference"
-    for candidate in AUTO_ORDER_CUDA:
+        return ("reference",), f"{device.type} tensors run on the reference backend (PyTorch's own convolutions)"
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return ("reference",), ("fp32 with TF32 off (torch.backends.cudnn.allow_tf32 = False): no fused kernel is "
+                                "expected to beat cuDNN's exact fp32 convolutions, so PyTorch's run")
+    if dtype in (torch.float16, torch.bfloat16, torch.float32) and torch.cuda.is_available() \
+            and torch.cuda.get_device_capability(device) >= (9, 0):
+        return AUTO_ORDER_SM90, "sm_90: Triton first until the GPU numbers decide"
+    return AUTO_ORDER_CUDA, "the CUDA kernels first"
+
+
+def _auto_pick(device: torch.device, dtype: torch.dtype) -> str:
+    order, _ = auto_order(device, dtype)
+    for candidate in order:
         if get(candidate).availability(device, dtype)[0]:
             return candidate
     return "reference"
@@ -75,13 +91,14 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
     A named backend that cannot run them raises RuntimeError with the reason: never a silent stand-in.
     """
     if name == "auto":
+        order, _ = auto_order(device, dtype)
         chosen = _auto_pick(device, dtype)
-        if device.type == "cuda" and chosen != AUTO_ORDER_CUDA[0]:
-            why = get(AUTO_ORDER_CUDA[0]).availability(device, dtype)[1]
+        if device.type == "cuda" and chosen != order[0]:
+            why = get(order[0]).availability(device, dtype)[1]
             if (chosen, why) not in _WARNED:
                 _WARNED.add((chosen, why))
                 warnings.warn(f"resaspp_ops: backend='auto' runs {dtype} CUDA tensors on {chosen!r}, "
-                              f"not {AUTO_ORDER_CUDA[0]!r}: {why}", stacklevel=3)
+                              f"not {order[0]!r}: {why}", stacklevel=3)
         return chosen
     ok, reason = get(name).availability(device, dtype)
     if not ok:
@@ -92,9 +109,10 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
 def auto_choice(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> tuple[str, str]:
     """(backend, why) that "auto" picks for tensors of this device and dtype."""
     device = torch.device(device)
+    order, reason = auto_order(device, dtype)
     chosen = _auto_pick(device, dtype)
-    if device.type != "cuda":
-        return chosen, f"{device.type} tensors run on the reference backend (PyTorch's own convolutions)"
-    skipped = [f"{n}: {get(n).availability(device, dtype)[1]}" for n in AUTO_ORDER_CUDA[: AUTO_ORDER_CUDA.index(chosen)]]
-    why = f"first available in the order {' > '.join(AUTO_ORDER_CUDA)}"
+    if device.type != "cuda" or order == ("reference",):
+        return chosen, reason
+    skipped = [f"{n}: {get(n).availability(device, dtype)[1]}" for n in order[: order.index(chosen)]]
+    why = f"first available in the order {' > '.join(order)} ({reason})"
     return chosen, why + (f" (skipped {'; '.join(skipped)})" if skipped else "")

@@ -121,3 +121,91 @@ def _device_jobs(plan: JobPlan, device: torch.device) -> torch.Tensor:
 def device_jobs(plan: JobPlan, device: torch.device) -> torch.Tensor:
     """plan.jobs as an int32 tensor on `device` (copied there once per plan and device)."""
     return _device_jobs(plan, torch.device(device))
+
+
+@dataclass(frozen=True, eq=False)
+class DgradPlan:
+    """The data-gradient work list over the same tiles: a job is (image, tile) with a block of input channels
+    (the channel blocks are the grid's fastest axis, so a job's blocks are neighbours), its K the centre taps
+    of every branch at once plus the live off-centre taps of each atrous branch.
+
+        jobs[j]        = (image, tile)                    int32 [J, 2], the tiles heaviest first
+        segments[t, s] = 16 * branch + tap                int32 [tiles, 8 * B], tile t's live off-centre taps
+        n_segments[t]  = how many of segments[t] are used  int32 [tiles]
+    """
+
+    plan: JobPlan
+    jobs: np.ndarray
+    segments: np.ndarray
+    n_segments: np.ndarray
+
+
+@functools.lru_cache(maxsize=512)
+def dgrad_plan(plan: JobPlan) -> DgradPlan:
+    """The dgrad work list of a forward plan (same tiles and stacking, the same live taps)."""
+    b = len(plan.rates)
+    n_tiles = plan.tiles_h * plan.tiles_w
+    segments = np.zeros((n_tiles, max(8 * b, 1)), dtype=np.int32)
+    n_segments = np.zeros(n_tiles, dtype=np.int32)
+    order, cost = [], {}
+    for image, tile, branch, taps in plan.jobs.tolist():
+        if (image, tile) not in cost:
+            order.append((image, tile))
+            cost[(image, tile)] = 0
+        cost[(image, tile)] += bin(taps).count("1")
+        if branch == 0 or image != 0:
+            continue  # the table is per tile: every image has the same taps
+        for tap in range(9):
+            if tap != CENTRE_TAP and taps >> tap & 1:
+                segments[tile, n_segments[tile]] = 16 * branch + tap
+                n_segments[tile] += 1
+    jobs = np.array(order, dtype=np.int32).reshape(-1, 2)
+    return DgradPlan(plan, jobs, segments, n_segments)
+
+
+def _in_map(lo: int, hi: int, shift: int, length: int) -> int:
+    """How many of lo .. hi-1 stay inside [0, length) once shifted by `shift`."""
+    return max(0, min(hi, length - shift) - max(lo, -shift))
+
+
+def _rows(plan: JobPlan, image: int, tile: int, dy: int, dx: int) -> int:
+    """Rows of a job's A tile that read inside the map after the shift (dy, dx): its images times its pixels."""
+    h0, h1, w0, w1 = plan.tile_bounds(tile)
+    images = min(plan.stack, plan.n - image)
+    return images * _in_map(h0, h1, dy, plan.h) * _in_map(w0, w1, dx, plan.w)
+
+
+def _offset(tap: int, rate: int) -> tuple[int, int]:
+    return (tap // 3 - 1) * rate, (tap % 3 - 1) * rate
+
+
+def forward_operand_elements(plan: JobPlan, c: int, co: int, block_n: int) -> tuple[int, int]:
+    """(A, B): the input and weight elements the second design's forward loads for this plan, masks applied:
+    each job reads its live taps' shifted tiles (C channels each) once per block of BLOCK_N output channels,
+    and each live tap's [C, Co] weights once."""
+    n_nb = cdiv(co, block_n)
+    a = b = 0
+    for image, tile, branch, taps in plan.jobs.tolist():
+        rate = 0 if branch == 0 else plan.rates[branch - 1]
+        for tap in range(9):
+            if taps >> tap & 1:
+                a += n_nb * c * _rows(plan, image, tile, *_offset(tap, rate))
+                b += c * co
+    return a, b
+
+
+def dgrad_operand_elements(dplan: DgradPlan, c: int, co: int, block_n: int) -> tuple[int, int]:
+    """(A, B) of the second design's dgrad: each (image, tile) reads the grad's centre (all (1+B) * Co
+    channels) and each live off-centre tap's shifted Co channels, once per block of BLOCK_N input channels;
+    the weights of each segment, [K, C] in all, once."""
+    plan = dplan.plan
+    gc = (1 + len(plan.rates)) * co
+    n_cb = cdiv(c, block_n)
+    a = b = 0
+    for image, tile in dplan.jobs.tolist():
+        a += n_cb * gc * _rows(plan, image, tile, 0, 0)
+        b += gc * c
+        for code in dplan.segments[tile, :dplan.n_segments[tile]].tolist():
+            a += n_cb * co * _rows(plan, image, tile, *_offset(code % 16, plan.rates[code // 16 - 1]))
+            b += co * c
+    return a, b

@@ -5,6 +5,7 @@ Level "module" (the whole ASPP):
     torchvision-eager-cl   the same in channels_last
     torchvision-compile    torch.compile(mode="max-autotune", or --compile-mode) of the channels_last module
     fused-triton / fused-cuda / fused-auto   FusedASPP(backend=...), channels_last input
+    fused-triton-v1        FusedASPP(backend="triton") on the Triton kernels' first design (RESASPP_TRITON_KERNEL=v1)
     fused-auto-compile     torch.compile (the baseline's mode) of FusedASPP(backend="auto"): what a user who
                            compiles the model gets (the op stays one kernel; Inductor fuses what is around it)
 
@@ -13,6 +14,7 @@ Level "branches" (the 1x1 + B atrous convolutions alone, output [N, (1+B)*Co, H,
     conv2d-eager-cl        the same in channels_last
     conv2d-compile         torch.compile(mode="max-autotune") of the channels_last version
     fused-triton / fused-cuda / fused-auto   multi_rate_conv2d(backend=...), channels_last input
+    fused-triton-v1        multi_rate_conv2d(backend="triton") on the first kernel design
     fused-auto-compile     torch.compile of multi_rate_conv2d(backend="auto")
 
 Fused providers get channels_last input, the kernels' native layout and the layout of the best
@@ -21,9 +23,11 @@ never replaced by another backend.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +43,10 @@ BASELINES = {
     "module": ("torchvision-eager", "torchvision-eager-cl", "torchvision-compile"),
     "branches": ("conv2d-eager", "conv2d-eager-cl", "conv2d-compile"),
 }
-FUSED_BACKENDS = {"fused-triton": "triton", "fused-cuda": "cuda", "fused-auto": "auto", "fused-auto-compile": "auto"}
+FUSED_BACKENDS = {"fused-triton": "triton", "fused-triton-v1": "triton", "fused-cuda": "cuda", "fused-auto": "auto",
+                  "fused-auto-compile": "auto"}
+# Providers that run a backend's other kernel design, so that one run compares the designs (step_context).
+KERNEL_VERSIONS = {"fused-triton-v1": ("triton", "v1")}
 # The baseline whose error against float64 is the yardstick of DESIGN.md section 5's rule.
 YARDSTICK = {"module": "torchvision-eager", "branches": "conv2d-eager"}
 ALL_PROVIDERS = tuple(dict.fromkeys(p for level in LEVELS for p in BASELINES[level] + tuple(FUSED_BACKENDS)))
@@ -129,6 +136,8 @@ class Runner:
     note: str = ""
     params: list = field(default_factory=list)
     relu_recorder: Optional[ReluMaskRecorder] = None  # fwd+bwd on a module with ReLUs: see bench.relu_masks
+    step_context: Callable[[], ContextManager] = contextlib.nullcontext  # entered around each whole step
+
 
 
 def _new_step_each_call(compiled: Callable[[Tensor], Tensor], recorder: Optional[ReluMaskRecorder]
@@ -189,4 +198,9 @@ def build(level: str, provider: str, source: nn.Module, rates, device: torch.dev
             recorder.attach()  # before the compile, which traces the hooks in (see bench.relu_masks)
         fn = _new_step_each_call(torch.compile(module, mode=compile_mode), recorder)  # harmless without graphs
     note = auto_note(device, next(module.parameters()).dtype) if backend == "auto" else ""
-    return Runner(provider, fn, module, channels_last, note, list(module.parameters()), recorder)
+    context = contextlib.nullcontext
+    if provider in KERNEL_VERSIONS:
+        backend_name, version = KERNEL_VERSIONS[provider]
+        context = functools.partial(_backend.get(backend_name).use_kernel_version, version)
+        note = f"kernel design {version}"
+    return Runner(provider, fn, module, channels_last, note, list(module.parameters()), recorder, context)

@@ -56,7 +56,7 @@ def make_step(runner, xs: list, grad_out, train: bool) -> Callable[[int], None]:
 
     if not train:
         def step(i: int) -> None:
-            with torch.no_grad():
+            with torch.no_grad(), runner.step_context():
                 forward(xs[i % len(xs)])
         return step
 
@@ -65,7 +65,8 @@ def make_step(runner, xs: list, grad_out, train: bool) -> Callable[[int], None]:
         x.grad = None
         for p in runner.params:
             p.grad = None
-        forward(x).backward(grad_out)
+        with runner.step_context():  # the backward too: it runs the same backend
+            forward(x).backward(grad_out)
     return step
 
 
@@ -129,8 +130,9 @@ def run_case(case: Case, providers: list, requested: Optional[list], device: tor
             baseline_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             runner = build(case.level, provider, source, case.rates, device, case.train, compile_mode=compile_mode)
             inputs = xs_cl if runner.channels_last else xs
-            run = judged(run_once(runner.fn, runner.module, inputs[0], grad, case.train, runner.relu_recorder),
-                         references)
+            with runner.step_context():
+                run = judged(run_once(runner.fn, runner.module, inputs[0], grad, case.train, runner.relu_recorder),
+                             references)
             if provider == YARDSTICK[case.level]:
                 correct, detail = True, "yardstick of the error rule"
             else:

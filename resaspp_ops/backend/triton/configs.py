@@ -2,10 +2,10 @@
 
 Switches (read at call time):
     TRITON_INTERPRET=1           run on CPU tensors through Triton's interpreter (tiny blocks, never autotuned)
-    RESASPP_TRITON_AUTOTUNE=0/1  autotune on CUDA (default 1); 0 uses the heuristic default below
-
-Autotuning compiles and times ~6-18 configs a kernel the first time it sees a shape and rates (tens of
-seconds); Triton's TRITON_CACHE_AUTOTUNING=1 keeps the choices on disk for the next process.
+    RESASPP_TRITON_AUTOTUNE=0/1  opt in to autotuning on CUDA (default 0: the heuristic config of each kernel,
+                                 one compile a kernel and shape). With 1 the second design times at most
+                                 len(V2_TUNED) = 6 candidates a kernel, keyed without the batch size, the choice
+                                 kept on disk (cache_results); the first design its old lists (~28 candidates)
 
 Block shapes (Hopper): BLOCK_M = TILE_H * TILE_W output pixels >= 64 and warps a multiple of 4, so tl.dot
 can lower to warpgroup MMA. The forward keeps one fp32 accumulator per branch live at once, so configs
@@ -28,10 +28,11 @@ def interpreting() -> bool:
 
 
 def autotune_enabled(device: torch.device) -> bool:
+    """RESASPP_TRITON_AUTOTUNE=1 on a CUDA device (never under the interpreter); off by default, so that a
+    new shape costs one compile a kernel and not tens of seconds of timing before the first step."""
     if device.type != "cuda" or interpreting():
         return False
-    value = os.environ.get("RESASPP_TRITON_AUTOTUNE")
-    return True if value is None else value.strip().lower() in _TRUE
+    return os.environ.get("RESASPP_TRITON_AUTOTUNE", "0").strip().lower() in _TRUE
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -253,3 +254,58 @@ def wgrad_pixel_tile(h: int, w: int, dtype: torch.dtype, device: torch.device) -
     """(BLOCK_P, TILE_W): the pixel tile of the wgrad K loop."""
     block_p = INTERP_BLOCK_M if device.type != "cuda" else (32 if dtype == torch.float32 else 64)
     return block_p, tile_width(h, w, block_p)
+
+
+# ---------------------------------------------------------------------------------------------- second design
+
+# What the work list is built for: fixed by v2_config, never tuned (the jobs and their order depend on them).
+V2_TILE_PARAMS = ("STACK", "TILE_H", "TILE_W", "BLOCK_M", "BLOCK_K")
+
+
+def v2_prune(configs, named_args, **kwargs):
+    """Drop the candidates wider than the channels they cover, and 256-wide fp32 blocks (their operand
+    fragments double the registers); keep at least one."""
+    args = {**named_args, **kwargs}
+    n_out = args["CO"] if "x_ptr" in args else args["C"]
+    fp32 = (args["x_ptr"] if "x_ptr" in args else args["g_ptr"]).element_size() == 4
+    out = [c for c in configs if c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(n_out))
+           and not (fp32 and c.kwargs["BLOCK_N"] > 128)]
+    return out or configs[-1:]
+
+
+# The opt-in candidates (RESASPP_TRITON_AUTOTUNE=1): at most 6 a kernel, over the heuristic's tile.
+V2_TUNED = [
+    triton.Config({"BLOCK_N": 256, "STAGES": 3}, num_warps=8),
+    triton.Config({"BLOCK_N": 256, "STAGES": 4}, num_warps=8),
+    triton.Config({"BLOCK_N": 128, "STAGES": 3}, num_warps=8),
+    triton.Config({"BLOCK_N": 128, "STAGES": 4}, num_warps=8),
+    triton.Config({"BLOCK_N": 128, "STAGES": 3}, num_warps=4),
+    triton.Config({"BLOCK_N": 64, "STAGES": 4}, num_warps=4),
+]
+
+
+@functools.lru_cache(maxsize=4096)
+def v2_config(n: int, h: int, w: int, n_out: int, dtype: torch.dtype, device: torch.device, rates: tuple) -> dict:
+    """The second design's launch config of a forward (n_out = Co) or dgrad (n_out = C) on n images of h x w.
+
+    BLOCK_M output pixels (128 on a GPU: two warpgroups of m64 wgmma) as a TILE_H x TILE_W tile of the least
+    work (tile_width); a map of at most half a block is one tile, and STACK images share a job. BLOCK_N = all
+    the channels up to 256 (one job a branch at Co = 256: wgmma m64n256), 128 in fp32 (TF32 operands take twice
+    the registers). BLOCK_K 64 (32 in fp32), 3 pipeline stages: (128 x 64 + 64 x 256) x 2 B = 48 KiB a stage.
+    """
+    if device.type != "cuda":  # the interpreter: the smallest blocks tl.dot takes, so CPU tests stay fast
+        block_m, block_n, block_k, stages, warps = INTERP_BLOCK_M, 32, 32, 1, 4
+    else:
+        fp32 = dtype == torch.float32
+        block_m = 128
+        block_n = min(128 if fp32 else 256, max(16, triton.next_power_of_2(n_out)))
+        block_k = 32 if fp32 else 64
+        stages, warps = 3, 8
+    pixels = h * w
+    if 2 * pixels <= block_m:
+        tile_h, tile_w, stack = h, w, max(1, min(block_m // pixels, n))
+    else:
+        tile_w = tile_width(h, w, block_m, rates)
+        tile_h, stack = block_m // tile_w, 1
+    return dict(STACK=stack, TILE_H=tile_h, TILE_W=tile_w, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                STAGES=stages, num_warps=warps)

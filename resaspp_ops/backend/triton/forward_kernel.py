@@ -16,25 +16,10 @@ import triton
 import triton.language as tl
 
 from resaspp_ops.backend.triton import configs
-from resaspp_ops.backend.triton.tiles import branch_taps, pixel_offsets, program_block, tile_coords
+from resaspp_ops.backend.triton.tiles import branch_taps, epilogue_store, pixel_offsets, program_block, tile_coords
 
 # Accumulators live together through the centre phase; more branches than this take another launch.
 MAX_ATROUS = 4
-
-
-@triton.jit
-def _epilogue_store(acc, out_img, p_off, p_mask, ch, offs_n, CO, scale_ptr, shift_ptr,
-                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, RELU: tl.constexpr):
-    """out[p, ch + n] = act(acc * scale[ch + n] + shift[ch + n]); acc [BLOCK_M, BLOCK_N] fp32."""
-    n_mask = offs_n < CO
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + ch + offs_n, mask=n_mask, other=0.0)[None, :]
-    if HAS_SHIFT:
-        acc = acc + tl.load(shift_ptr + ch + offs_n, mask=n_mask, other=0.0)[None, :]
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
-    tl.store(out_img + p_off[:, None] + ch + offs_n[None, :], acc.to(out_img.dtype.element_ty),
-             mask=p_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -114,27 +99,27 @@ def _forward_kernel(
     # Off-centre taps and the store, branch by branch.
     o_off = p_off * OUT_C
     if HAS_1X1:
-        _epilogue_store(acc0, out_img, o_off, in_image, 0, offs_n, CO, scale_ptr, shift_ptr,
+        epilogue_store(acc0, out_img, o_off, in_image, 0, offs_n, CO, scale_ptr, shift_ptr,
                         HAS_SCALE, HAS_SHIFT, RELU)
     if NR >= 1:
         acc1 = branch_taps(acc1, x_img, C, w3_ptr, CO, C, R1, h0, h1, w0, w1, hh, ww, H, W, offs_n,
                            count_ptr, BLOCK_K, IDX64, COUNT, PRECISION, UPCAST, FLAT)
-        _epilogue_store(acc1, out_img, o_off, in_image, CH_ATROUS, offs_n, CO, scale_ptr, shift_ptr,
+        epilogue_store(acc1, out_img, o_off, in_image, CH_ATROUS, offs_n, CO, scale_ptr, shift_ptr,
                         HAS_SCALE, HAS_SHIFT, RELU)
     if NR >= 2:
         acc2 = branch_taps(acc2, x_img, C, w3_ptr + branch_stride, CO, C, R2, h0, h1, w0, w1, hh, ww, H, W,
                            offs_n, count_ptr, BLOCK_K, IDX64, COUNT, PRECISION, UPCAST, FLAT)
-        _epilogue_store(acc2, out_img, o_off, in_image, CH_ATROUS + CO, offs_n, CO, scale_ptr, shift_ptr,
+        epilogue_store(acc2, out_img, o_off, in_image, CH_ATROUS + CO, offs_n, CO, scale_ptr, shift_ptr,
                         HAS_SCALE, HAS_SHIFT, RELU)
     if NR >= 3:
         acc3 = branch_taps(acc3, x_img, C, w3_ptr + 2 * branch_stride, CO, C, R3, h0, h1, w0, w1, hh, ww,
                            H, W, offs_n, count_ptr, BLOCK_K, IDX64, COUNT, PRECISION, UPCAST, FLAT)
-        _epilogue_store(acc3, out_img, o_off, in_image, CH_ATROUS + 2 * CO, offs_n, CO, scale_ptr, shift_ptr,
+        epilogue_store(acc3, out_img, o_off, in_image, CH_ATROUS + 2 * CO, offs_n, CO, scale_ptr, shift_ptr,
                         HAS_SCALE, HAS_SHIFT, RELU)
     if NR >= 4:
         acc4 = branch_taps(acc4, x_img, C, w3_ptr + 3 * branch_stride, CO, C, R4, h0, h1, w0, w1, hh, ww,
                            H, W, offs_n, count_ptr, BLOCK_K, IDX64, COUNT, PRECISION, UPCAST, FLAT)
-        _epilogue_store(acc4, out_img, o_off, in_image, CH_ATROUS + 3 * CO, offs_n, CO, scale_ptr, shift_ptr,
+        epilogue_store(acc4, out_img, o_off, in_image, CH_ATROUS + 3 * CO, offs_n, CO, scale_ptr, shift_ptr,
                         HAS_SCALE, HAS_SHIFT, RELU)
 
 

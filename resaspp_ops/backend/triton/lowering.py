@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 from resaspp_ops.backend import triton as triton_backend
@@ -43,7 +45,10 @@ class Launch:
     registers: Optional[int] = None
     spills: Optional[int] = None
     wgmma: Optional[bool] = None
+    mma: Optional[str] = None          # the wgmma instruction shape(s) in the PTX, e.g. "m64n256k16"
     pipelined: Optional[bool] = None
+    a_bytes: Optional[int] = None      # operand bytes the launch loads (second design: from its work list)
+    b_bytes: Optional[int] = None
     error: Optional[str] = None
     problems: list = field(default_factory=list)   # it would fail: no compile, shared memory past the limit
     warnings: list = field(default_factory=list)   # it would run slowly: spills, an unpipelined K loop
@@ -102,8 +107,9 @@ def _compile_instead_of_launch(arch: int, launches: list):
         bound, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization, options)
         meta = {name: bound[name] for name, p in zip(self.arg_names, self.params) if p.is_constexpr}
+        dims = grid(bound) if callable(grid) else grid
         record = Launch(self.__name__, meta, options.num_warps, options.num_stages,
-                        programs=(grid(bound) if callable(grid) else grid)[0])
+                        programs=int(np.prod([d for d in dims])))  # every axis: wgrad's are (blocks, jobs, splits)
         try:
             kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=target,
                                     options=options.__dict__)
@@ -113,6 +119,8 @@ def _compile_instead_of_launch(arch: int, launches: list):
             record.shared = kernel.metadata.shared
             record.registers, record.spills = _resources(kernel.asm["ptx"], arch)
             record.wgmma = "wgmma" in kernel.asm["ptx"]
+            shapes = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", kernel.asm["ptx"])))
+            record.mma = "+".join(shapes) or None
             record.pipelined = "async_copy_global_to_local" in kernel.asm["ttgir"] or "ttng.tma" in kernel.asm["ttgir"]
         launches.append(record)
         return None
@@ -135,10 +143,12 @@ def _host_without_gpu(arch: int, autotune: bool):
 
     if triton_backend.kernels_mode() == "interpreted" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("the Triton kernels are (or would be) interpreted in this process: unset TRITON_INTERPRET")
+    from resaspp_ops.backend.triton import design_v2, host
+
     k = triton_backend._kernels()
-    saved = (triton_backend._device_guard, k.configs.sm_count, k.configs.autotune_enabled)
+    saved = (host.device_guard, k.configs.sm_count, k.configs.autotune_enabled)
     saved_tuner = (Autotuner.do_bench, Autotuner.check_disk_cache)
-    triton_backend._device_guard = lambda t: contextlib.nullcontext()
+    host.device_guard = lambda t: contextlib.nullcontext()
     k.configs.sm_count = lambda index: SM_COUNT.get(arch, 132)
     k.configs.autotune_enabled = lambda device: autotune
 
@@ -156,9 +166,10 @@ def _host_without_gpu(arch: int, autotune: bool):
         with FakeTensorMode(allow_non_fake_inputs=True):
             yield
     finally:
-        triton_backend._device_guard, k.configs.sm_count, k.configs.autotune_enabled = saved
+        host.device_guard, k.configs.sm_count, k.configs.autotune_enabled = saved
         Autotuner.do_bench, Autotuner.check_disk_cache = saved_tuner
-        triton_backend._rates_tensor.cache_clear()  # it cached fake tensors
+        host.rates_tensor.cache_clear()  # they cached fake tensors
+        design_v2._ON_DEVICE.clear()
 
 
 def lower(n: int, c: int, co: int, h: int, w: int, rates: tuple, dtype: torch.dtype, backward: bool = True,
@@ -182,6 +193,13 @@ def lower(n: int, c: int, co: int, h: int, w: int, rates: tuple, dtype: torch.dt
         out = triton_backend.forward(x, w1, w3, list(rates), scale, shift, epilogue)
         if backward:
             triton_backend.backward(torch.empty_like(out), x, w1, w3, list(rates), True, True)
+    from resaspp_ops.backend.triton import design_v2
+
+    for launch in launches:
+        kind = {"_forward_v2_kernel": "forward_v2", "_dgrad_v2_kernel": "dgrad_v2"}.get(launch.kernel)
+        if kind is not None:
+            launch.a_bytes, launch.b_bytes = design_v2.operand_bytes(kind, n, c, co, h, w, tuple(rates), dtype,
+                                                                     torch.device("cuda", 0))
     limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[90])
     for launch in launches:
         if launch.error:
@@ -236,20 +254,24 @@ def main(argv=None) -> int:
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     cases = _sweep_cases(args.quick)
     bad = slow = 0
-    print(f"{'case':34s} {'dtype':9s} {'kernel':15s} {'meta':58s} warps stages  smem KiB regs spill wgmma pipe")
+    print(f"{'case':34s} {'dtype':9s} {'kernel':18s} {'meta':64s} warps stages  smem KiB regs spill "
+          f"{'wgmma':11s} pipe programs   A MiB   B MiB")
     for name, n, c, co, h, w, rates in cases:
         for dtype in dtypes:
             for launch in lower(n, c, co, h, w, rates, dtype, arch=args.arch, autotune=args.autotune):
                 meta = ",".join(f"{k}={v}" for k, v in launch.meta.items()
-                                if k in ("BLOCK_M", "TILE_W", "BLOCK_N", "BLOCK_K", "BLOCK_C", "BLOCK_P", "NR",
-                                         "HAS_1X1", "IDX64", "FLAT"))
+                                if k in ("BLOCK_M", "TILE_H", "TILE_W", "STACK", "BLOCK_N", "BLOCK_K", "BLOCK_C",
+                                         "BLOCK_P", "NR", "HAS_1X1", "IDX64", "FLAT", "STAGES", "WORKLIST"))
                 label = f"{name} r{','.join(map(str, rates))}"
+                kernel = launch.kernel.strip("_").removesuffix("_kernel")
+                mib = lambda v: "-" if v is None else f"{v / 2 ** 20:.1f}"  # noqa: E731
                 if launch.error:
-                    print(f"{label:34s} {str(dtype)[6:]:9s} {launch.kernel:15s} ERROR {launch.error}")
+                    print(f"{label:34s} {str(dtype)[6:]:9s} {kernel:18s} ERROR {launch.error}")
                 else:
-                    print(f"{label:34s} {str(dtype)[6:]:9s} {launch.kernel:15s} {meta:58s} {launch.num_warps:5d} "
+                    print(f"{label:34s} {str(dtype)[6:]:9s} {kernel:18s} {meta:64s} {launch.num_warps:5d} "
                           f"{launch.num_stages:6d} {launch.shared / 1024:9.1f} {launch.registers!s:>4s} "
-                          f"{launch.spills!s:>5s} {launch.wgmma!s:5s} {launch.pipelined!s:5s}"
+                          f"{launch.spills!s:>5s} {launch.mma or launch.wgmma!s:11s} {launch.pipelined!s:5s}"
+                          f"{launch.programs:8d} {mib(launch.a_bytes):>7s} {mib(launch.b_bytes):>7s}"
                           + (f"  <- {'; '.join(launch.problems + launch.warnings)}"
                              if launch.problems or launch.warnings else ""))
                 bad += bool(launch.problems)

@@ -1,4 +1,4 @@
-"""Triton helpers shared by the forward and dgrad kernels: 2-D output tiles and the atrous taps.
+"""Triton helpers shared by the forward and dgrad kernels: 2-D output tiles, the atrous taps, the epilogue.
 
 A tile is BLOCK_M flattened pixels laid out TILE_H x TILE_W (TILE_H = BLOCK_M // TILE_W). TILE_W need not
 be a power of two, so a 33- or 97-wide map is tiled with little waste; the BLOCK_M - TILE_H * TILE_W spare
@@ -158,3 +158,55 @@ def branch_taps(acc, src_img, src_stride, w_taps, n_out, k_total, rate, h0, h1, 
         acc = off_centre_taps(acc, src_img, src_stride, w_taps, n_out, k_total, rate, h0, h1, w0, w1, hh, ww,
                               H, W, offs_n, count_ptr, BLOCK_K, IDX64, COUNT, PRECISION, UPCAST)
     return acc
+
+
+@triton.jit
+def epilogue_store(acc, out_ptr, row_off, row_mask, ch, offs_n, CO, scale_ptr, shift_ptr,
+                   HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, RELU: tl.constexpr):
+    """out[row, ch + n] = act(acc * scale[ch + n] + shift[ch + n]) for n < CO: the folded BatchNorm and ReLU in
+    fp32, then the cast. acc [BLOCK_M, BLOCK_N] fp32; row_off [BLOCK_M] element offsets of each pixel's row."""
+    n_mask = offs_n < CO
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + ch + offs_n, mask=n_mask, other=0.0)[None, :]
+    if HAS_SHIFT:
+        acc = acc + tl.load(shift_ptr + ch + offs_n, mask=n_mask, other=0.0)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(out_ptr + row_off[:, None] + ch + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def job_rows(image, tile, TILES_W, N, H, W, STACK: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+             BLOCK_M: tl.constexpr, IDX64: tl.constexpr):
+    """(row [BLOCK_M], hh, ww, valid) of a job of the work list: its tile in images image .. image + STACK - 1.
+
+    Block row m is pixel (m % (TILE_H * TILE_W)) of the tile in image image + m // (TILE_H * TILE_W); row is its
+    pixel index n * H * W + h * W + w (int64 where tensors can pass 2^31 elements); valid masks the rows past
+    the stacked tiles, past the map's edge and past the last image.
+    """
+    TILE_PIX: tl.constexpr = TILE_H * TILE_W
+    m = tl.arange(0, BLOCK_M)
+    img = image + m // TILE_PIX
+    loc = m % TILE_PIX
+    hh = (tile // TILES_W) * TILE_H + loc // TILE_W
+    ww = (tile % TILES_W) * TILE_W + loc % TILE_W
+    valid = (m < STACK * TILE_PIX) & (img < N) & (hh < H) & (ww < W)
+    if IDX64:
+        row = (img.to(tl.int64) * H + hh) * W + ww
+    else:
+        row = (img * H + hh) * W + ww
+    return row, hh, ww, valid
+
+
+@triton.jit
+def live_tap_table(taps):
+    """(table, n_live): the set bits of a 9-bit tap mask as 4-bit tap indices in tap order (int64: nine taps
+    take 36 bits), and their count."""
+    table = taps.to(tl.int64) * 0
+    n_live = taps * 0
+    for t in tl.static_range(9):
+        live = (taps >> t) & 1
+        table = table | tl.where(live == 1, (table * 0 + t) << (4 * n_live).to(tl.int64), 0)
+        n_live = n_live + live
+    return table, n_live

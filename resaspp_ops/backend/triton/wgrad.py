@@ -25,19 +25,26 @@ def _wgrad_kernel(
     rates_ptr,    # [B] int32
     part_ptr,     # [S, C, TOTAL] fp32 partial sums; TOTAL = GC + 8 * B * CO (centre columns, then the taps)
     count_ptr,    # [2] int32 debug counter of pixel tiles: [centre job, off-centre jobs], or dummy
+    work_ptr,     # [P, 3] int32 (job, C block, N block) of each program (WORKLIST), or dummy
     N, H, W, C, CO, GC, TOTAL, S,
     RATES_KEY,    # a hash of the rates: only the autotuner reads it
     IDX64: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # bf16 operands cast to fp32 before tl.dot: only for the interpreter, whose dot lacks bf16
     BLOCK_P: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    WORKLIST: tl.constexpr,  # second design: grid axis 0 walks a list of exactly the (job, block) pairs with work
 ):
     TILE_H: tl.constexpr = BLOCK_P // TILE_W
     pid = tl.program_id(0)
-    job = tl.program_id(1)
     split = tl.program_id(2)
-    n_cb = (C + BLOCK_C - 1) // BLOCK_C
-    cb = pid % n_cb
-    nb = pid // n_cb
+    if WORKLIST:
+        job = tl.load(work_ptr + pid * 3)
+        cb = tl.load(work_ptr + pid * 3 + 1)
+        nb = tl.load(work_ptr + pid * 3 + 2)
+    else:  # first design: every job gets the column blocks of the widest one, the rest idle
+        job = tl.program_id(1)
+        n_cb = (C + BLOCK_C - 1) // BLOCK_C
+        cb = pid % n_cb
+        nb = pid // n_cb
 
     # The job's tap offset and its columns of the partial / channels of g.
     is_centre = job == 0
@@ -120,15 +127,20 @@ def _sum_splits_kernel(
 
 _wgrad_tuned = triton.autotune(
     configs=configs.WGRAD_CONFIGS,
-    key=["N", "H", "W", "C", "CO", "S", "RATES_KEY", "PRECISION", "UPCAST", "BLOCK_P", "TILE_W"],
+    key=["N", "H", "W", "C", "CO", "S", "RATES_KEY", "PRECISION", "UPCAST", "BLOCK_P", "TILE_W", "WORKLIST"],
     prune_configs_by={"early_config_prune": configs.wgrad_prune},
 )(_wgrad_kernel)
 
 
-def run(x, g, rates_t, out, counter, *, splits, rates_key, idx64, precision, upcast, block_p, tile_w, config):
+def run(x, g, rates_t, out, counter, *, splits, rates_key, idx64, precision, upcast, block_p, tile_w, config,
+        work=None, zero_columns=()):
     """x [N, H, W, C]; g [N, H, W, (1+B)*Co]; rates_t [B] int32; out [C, (1+9B)*Co] fp32, filled.
 
-    config: a dict of BLOCK_C / BLOCK_N / num_warps / num_stages, or None to autotune. Returns the config used.
+    config: a dict of BLOCK_C / BLOCK_N / num_warps / num_stages, or None to autotune (first design only).
+    work: None (first design: a grid of every job x the widest job's column blocks) or [P, 3] int32 (job, C block,
+    N block) of exactly the programs with work, built for config's blocks (second design); zero_columns: the
+    (start, stop) column ranges of the jobs it leaves out (taps that are padding on the whole map: their
+    grads are exact zeros, written here instead). Returns the config used.
     """
     n, h, w, c = x.shape
     gc = g.shape[3]
@@ -136,17 +148,22 @@ def run(x, g, rates_t, out, counter, *, splits, rates_key, idx64, precision, upc
     co = gc // (1 + b)
     total = out.shape[1]
     part = out if splits == 1 else out.new_empty((splits, c, total))
-    args = (x, g, rates_t, part, out if counter is None else counter, n, h, w, c, co, gc, total, splits, rates_key,
-            idx64, counter is not None, precision, upcast, block_p, tile_w)
+    for start, stop in zero_columns:
+        part[..., start:stop].zero_()
+    args = (x, g, rates_t, part, out if counter is None else counter, rates_t if work is None else work,
+            n, h, w, c, co, gc, total, splits, rates_key, idx64, counter is not None, precision, upcast, block_p,
+            tile_w)
 
     def grid(meta):
+        if work is not None:
+            return (work.shape[0], 1, splits)
         return (triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(gc, meta["BLOCK_N"]), 1 + 8 * b, splits)
 
     if config is None:
-        _wgrad_tuned[grid](*args)
+        _wgrad_tuned[grid](*args, WORKLIST=work is not None)
         config = configs.config_dict(_wgrad_tuned.best_config)
     else:
-        _wgrad_kernel[grid](*args, **config)
+        _wgrad_kernel[grid](*args, WORKLIST=work is not None, **config)
     if splits > 1:
         block = 1024 if out.is_cuda else 256
         _sum_splits_kernel[(triton.cdiv(out.numel(), block),)](part, out, splits, out.numel(), BLOCK=block)
