@@ -27,7 +27,7 @@ print(json.dumps([dataclasses.asdict(l) for l in launches]))
 
 
 def _lower(name, n, c, co, h, w, rates, dtype, autotune=False, version="v2"):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RESASPP_TRITON_AUTOTUNE")}
     env["RESASPP_TRITON_KERNEL"] = version
     args = json.dumps([name, n, c, co, h, w, rates, dtype, autotune])
     done = subprocess.run([sys.executable, "-c", _SCRIPT, args], env=env, capture_output=True, text=True,
@@ -109,6 +109,13 @@ def test_float32_and_small_maps_compile_within_shared_memory():
         for launch in launches:
             assert launch["error"] is None and not launch["problems"] and not launch["spills"], (case, launch)
     assert launches[0]["meta"]["STACK"] == 2
+
+
+def test_a_new_shape_compiles_one_config_a_kernel_by_default():
+    """What a GPU run does with RESASPP_TRITON_AUTOTUNE unset (autotune=None: the real switch): one compile of
+    the heuristic config a kernel, no candidates timed before the first step."""
+    launches = _lower("voc-os16", 8, 2048, 256, 33, 33, [6, 12, 18], "bfloat16", autotune=None)
+    assert _kernels(launches) == ["_forward_v2_kernel", "_dgrad_v2_kernel", "_wgrad_kernel"], _kernels(launches)
 
 
 def test_every_opt_in_autotuning_candidate_compiles():

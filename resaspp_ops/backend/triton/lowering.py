@@ -150,7 +150,8 @@ def _host_without_gpu(arch: int, autotune: bool):
     saved_tuner = (Autotuner.do_bench, Autotuner.check_disk_cache)
     host.device_guard = lambda t: contextlib.nullcontext()
     k.configs.sm_count = lambda index: SM_COUNT.get(arch, 132)
-    k.configs.autotune_enabled = lambda device: autotune
+    if autotune is not None:  # None: what a GPU run would do, by RESASPP_TRITON_AUTOTUNE
+        k.configs.autotune_enabled = lambda device: autotune
 
     def compile_once(kernel_call, quantiles=None):
         kernel_call()
@@ -173,14 +174,14 @@ def _host_without_gpu(arch: int, autotune: bool):
 
 
 def lower(n: int, c: int, co: int, h: int, w: int, rates: tuple, dtype: torch.dtype, backward: bool = True,
-          epilogue: bool = True, arch: int = 90, autotune: bool = False) -> list[Launch]:
+          epilogue: bool = True, arch: int = 90, autotune: Optional[bool] = False) -> list[Launch]:
     """The launches of one forward (and backward: dgrad + wgrad) on x [n, c, h, w] channels_last, compiled for
     sm_<arch>: Launch.problems says what would fail (no compile, shared memory past the target's limit),
     Launch.warnings what would be slow (spills; a tensor-core kernel whose K loop is not pipelined).
 
-    autotune: every config the autotuner would try instead of the heuristic one; there a config past the
-    shared-memory limit is only a warning (the autotuner skips what does not fit), a compile error still a
-    problem (it would end the tuning, and the call)."""
+    autotune: every config the autotuner would try instead of the heuristic one (None: as a GPU run would
+    choose, by RESASPP_TRITON_AUTOTUNE); there a config past the shared-memory limit is only a warning (the
+    autotuner skips what does not fit), a compile error still a problem (it would end the tuning, and the call)."""
     launches: list[Launch] = []
     b = len(rates)
     with _host_without_gpu(arch, autotune), _compile_instead_of_launch(arch, launches):
