@@ -244,3 +244,28 @@ def test_gpu_call_digest_reads_the_suite_and_check_files(cpu_run, tmp_path):
     lines = done.stdout.splitlines()
     assert lines[0].startswith("bench: ") and any("unet-stare" in line and "fp32" in line for line in lines)
     assert "check: 1 parity rows, 1 bad" in lines and any("2.00x" in line for line in lines)
+
+
+def test_hbm_bytes_collects_nsight_compute_csv(tmp_path):
+    """benchmarks/gpu/hbm_bytes.py collect: the dram__bytes_read of every kernel in ncu's CSV, summed with its
+    unit, set against the least bytes (x and the weights)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    header = ('"ID","Kernel Name","Section Name","Metric Name","Metric Unit","Metric Value"\n')
+    rows = ('"0","_forward_v2_kernel","Command line profiler metrics","dram__bytes_read.sum","Mbyte","40.50"\n'
+            '"1","elementwise","Command line profiler metrics","dram__bytes_read.sum","Kbyte","500"\n')
+    (tmp_path / "voc-os16-fused-triton.csv").write_text("==PROF== Connected to process\n" + header + rows)
+    (tmp_path / "voc-os16-fused-triton.json").write_text(json.dumps(
+        {"provider": "fused-triton", "preset": "voc-os16", "rates": [6, 12, 18], "x_bytes": 20_000_000,
+         "weight_bytes": 10_000_000, "least_bytes": 30_000_000}))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "hbm_bytes.py"
+    target = tmp_path / "hbm_bytes.json"
+    done = subprocess.run([sys.executable, str(script), "collect", str(tmp_path), str(target)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(target.read_text())
+    assert row["dram_bytes_read"] == 41_000_000 and row["kernels"] == 2
+    assert abs(row["over_least"] - 41 / 30) < 1e-9
+    assert "1.37x x+weights" in done.stdout

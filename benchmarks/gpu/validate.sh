@@ -18,6 +18,8 @@
 #   sanitize   compute-sanitizer memcheck, then racecheck, on benchmarks/gpu/sanitize_case.py (both backends)
 #   test-all   the whole pytest suite (no -x: every failure is listed; xdist where installed)
 #   check      ../shared/tools/aspp_gpu_check.py, carried as .gpu_tools/ (writes $OUT/aspp_gpu_check.json)
+#   hbm        Nsight Compute's dram__bytes_read of one bf16 forward per provider at voc-os16 and cityscapes-os8
+#              (benchmarks/gpu/hbm_bytes.py): $OUT/hbm_bytes.json, the HBM bytes against those of x + weights
 #   bench ARGS the benchmark suite, `resaspp bench --device cuda --out-dir $OUT/results ARGS`; must be the
 #              last phase named (everything after it goes to the suite)
 #   bench-first  the first benchmark run's argument set (FIRST_BENCH_ARGS below), files tagged bf16-module
@@ -71,7 +73,7 @@ mark_failed() { touch "$failed_mark"; }
 # Every log and file under $OUT except the ones meant to come back goes into logs.tar.gz (at exit,
 # however the script ends): the device tool returns at most 8 files.
 pack_logs() {
-  local keep=(summary.txt logs.tar.gz aspp_gpu_check.json results)
+  local keep=(summary.txt logs.tar.gz aspp_gpu_check.json hbm_bytes.json results)
   local f files=()
   for f in "$OUT"/* "$OUT"/.[!.]*; do
     [[ -e "$f" ]] || continue
@@ -210,7 +212,7 @@ phase_sanitize() {
   local tool
   for tool in memcheck racecheck; do
     step "$tool" "$tool.log" 150 env RESASPP_TRITON_AUTOTUNE=0 \
-      "$cs" --tool "$tool" --error-exitcode 3 python benchmarks/gpu/sanitize_case.py cuda triton
+      "$cs" --tool "$tool" --error-exitcode 3 python benchmarks/gpu/sanitize_case.py cuda triton triton-v1
   done
 }
 
@@ -241,6 +243,37 @@ phase_check() {
   have_c || echo "check: resaspp_ops._C missing: its cuda rows will fail" | tee -a "$summary"
   step aspp-gpu-check aspp_gpu_check.log 300 env RESASPP_TRITON_AUTOTUNE="${CHECK_TRITON_AUTOTUNE:-0}" \
     python .gpu_tools/aspp_gpu_check.py
+}
+
+find_ncu() {  # prints the Nsight Compute CLI to use, or nothing
+  local c
+  c=$(command -v ncu 2>/dev/null) && { echo "$c"; return; }
+  for c in ${CUDA_HOME:+"$CUDA_HOME/bin/ncu"} /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu; do
+    [[ -x "$c" ]] && { echo "$c"; return; }
+  done
+}
+
+HBM_PRESETS="voc-os16 cityscapes-os8"
+HBM_PROVIDERS="torchvision-eager-cl fused-triton fused-triton-v1 fused-cuda"
+
+phase_hbm() {  # HBM bytes one bf16 forward reads, per provider (benchmarks/gpu/hbm_bytes.py): $OUT/hbm_bytes.json
+  local ncu; ncu=$(find_ncu)
+  if [[ -z "$ncu" ]]; then
+    echo "hbm: no ncu (Nsight Compute) found: skipped" | tee -a "$summary"
+    mark_failed
+    return 1
+  fi
+  mkdir -p "$OUT/hbm"
+  local preset provider
+  for preset in $HBM_PRESETS; do
+    for provider in $HBM_PROVIDERS; do
+      step "hbm-$preset-$provider" "hbm/$preset-$provider.log" 60 env RESASPP_TRITON_AUTOTUNE=0 \
+        "$ncu" --profile-from-start off --metrics dram__bytes_read.sum --csv \
+        --log-file "$OUT/hbm/$preset-$provider.csv" \
+        python benchmarks/gpu/hbm_bytes.py run "$provider" "$preset" "$OUT/hbm/$preset-$provider.json"
+    done
+  done
+  python benchmarks/gpu/hbm_bytes.py collect "$OUT/hbm" "$OUT/hbm_bytes.json" | tee -a "$summary"
 }
 
 phase_bench() {  # phase_bench NAME OUTDIR ARGS...
@@ -307,9 +340,10 @@ phase_session() {
   local p_warm=$!
   wait "$p_test" "$p_san" "$p_warm"
   GROUP_END=""
-  # Alone on the GPU from here: these two time things.
+  # Alone on the GPU from here: these time (or count) things.
   phase_check
   phase_bench_first
+  phase_hbm
   # The rest of the suite (CI runs it too, without a GPU) with whatever time is left.
   phase_test_all "not cuda"
 }
@@ -328,6 +362,7 @@ while (( $# > 0 )); do
     sanitize) phase_sanitize ;;
     test-all) phase_test_all ;;
     check) phase_check ;;
+    hbm) phase_hbm ;;
     session) phase_session ;;
     bench) phase_bench bench "$OUT/results" "$@"; break ;;
     bench-first) phase_bench_first ;;
