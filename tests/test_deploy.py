@@ -12,6 +12,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 import resaspp_ops
 from resaspp_ops import FusedASPP, convert_aspp, revert_aspp
 from resaspp_ops.export import TORCHSCRIPT_MESSAGE
+from test_aspp import randomize_batchnorm
 
 onnx = pytest.importorskip("onnx", reason="the test extra installs onnx (pip install -e '.[test]')")
 ort = pytest.importorskip("onnxruntime", reason="the test extra installs onnxruntime")
@@ -20,16 +21,6 @@ pytest.importorskip("onnxscript", reason="the test extra installs onnxscript")
 STANDARD_ONNX = {"Conv", "Concat", "Mul", "Add", "Relu", "ReduceMean", "Sqrt", "Div", "Reshape", "Sub",
                  "MaxPool", "Resize", "Shape", "Gather", "Slice", "Unsqueeze", "Cast", "Expand", "Identity",
                  "Constant", "Squeeze", "Concat", "Reciprocal", "GlobalAveragePool"}
-
-
-def randomize_batchnorm(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return module
 
 
 def export_and_run(model, x, dynamic=True):

@@ -76,8 +76,7 @@ def dgrad(k, g, x, w1x1, w3x3, rates, rates_t, key):
     b, co = len(rates), w1x1.shape[0]
     gc = (1 + b) * co
     gx_nhwc = torch.empty((n, h, w, c), dtype=x.dtype, device=x.device)
-    wc = torch.cat([w1x1.reshape(co, c), w3x3[:, :, :, 1, 1].reshape(b * co, c)]).contiguous()   # [GC, C]
-    wd = w3x3.flip(3, 4).permute(0, 3, 4, 1, 2).reshape(b, 9, co, c).contiguous()               # [B, 9, Co, C]
+    wc, wd = host.dgrad_weights(w1x1, w3x3)   # [GC, C], [B, 9, Co, C]
     config, plan = _plan(k, x, c, rates)
     dplan = dgrad_plan(plan)
     count = host.debug_counter(x.device, 3, torch.int64)

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from resaspp_ops.backend.triton import configs
+from resaspp_ops.backend.triton.host import launch
 from resaspp_ops.backend.triton.tiles import job_rows
 
 
@@ -111,9 +112,4 @@ def run(g, wc, wd, rates_t, jobs, segments, n_segments, grad_x, counter, *, tile
     def grid(meta):
         return (jobs.shape[0] * triton.cdiv(c, meta["BLOCK_N"]),)
 
-    if tune:
-        tile = {name: config[name] for name in configs.V2_TILE_PARAMS}
-        _dgrad_v2_tuned[grid](*args, **tile)
-        return grid(_dgrad_v2_tuned.best_config.kwargs)[0]
-    _dgrad_v2_kernel[grid](*args, **config)
-    return grid(config)[0]
+    return launch(_dgrad_v2_kernel, _dgrad_v2_tuned, grid, args, config, tune, configs.V2_TILE_PARAMS)

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from resaspp_ops.backend.triton import configs
+from resaspp_ops.backend.triton.host import launch
 from resaspp_ops.backend.triton.tiles import epilogue_store, job_rows, live_tap_table
 
 
@@ -116,9 +117,4 @@ def run(xh, w1p, w3p, jobs, rates_t, out, scale, shift, relu, counter, *, tiles_
     def grid(meta):
         return (jobs.shape[0] * triton.cdiv(co, meta["BLOCK_N"]),)
 
-    if tune:
-        tile = {name: config[name] for name in configs.V2_TILE_PARAMS}
-        _forward_v2_tuned[grid](*args, **tile)
-        return grid(_forward_v2_tuned.best_config.kwargs)[0]
-    _forward_v2_kernel[grid](*args, **config)
-    return grid(config)[0]
+    return launch(_forward_v2_kernel, _forward_v2_tuned, grid, args, config, tune, configs.V2_TILE_PARAMS)

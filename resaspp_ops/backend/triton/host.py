@@ -54,6 +54,25 @@ def debug_counter(device, size: int = 1, dtype=torch.int32):
     return None if counter() is None else torch.zeros(size, dtype=dtype, device=device)
 
 
+def dgrad_weights(w1x1: torch.Tensor, w3x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The data-gradient's B operands: wc [(1+B)*Co, C], the centre taps of all branches (1x1 first),
+    transposed; wd [B, 9, Co, C], the atrous taps flipped and transposed (tap ky * 3 + kx)."""
+    b, co, c = w3x3.shape[:3]
+    wc = torch.cat([w1x1.reshape(co, c), w3x3[:, :, :, 1, 1].reshape(b * co, c)]).contiguous()
+    wd = w3x3.flip(3, 4).permute(0, 3, 4, 1, 2).reshape(b, 9, co, c).contiguous()
+    return wc, wd
+
+
+def launch(kernel, tuned, grid, args, config: dict, tune: bool, fixed=()) -> int:
+    """kernel[grid](*args, **config), or with tune the autotuned `tuned` over its candidates, given only the
+    `fixed` meta-parameters of config; returns the number of programs launched."""
+    if tune:
+        tuned[grid](*args, **{name: config[name] for name in fixed})
+        return grid(tuned.best_config.kwargs)[0]
+    kernel[grid](*args, **config)
+    return grid(config)[0]
+
+
 def wgrad_splits(k, x, c, gc, co, b, iters, config, programs=None) -> int:
     """Split-K factor: enough programs to fill the GPU, each split still a long K loop."""
     if not x.is_cuda:
