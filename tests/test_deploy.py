@@ -32,10 +32,11 @@ def randomize_batchnorm(module, seed=0):
     return module
 
 
-def export_and_run(model, x, dynamic=True):
-    """The ONNX program of `model` (eval) for x, checked by onnx.checker; a function that runs it in ONNX Runtime."""
-    dims = ({0: torch.export.Dim("n", max=64), 2: torch.export.Dim("h", min=4, max=1024),
-             3: torch.export.Dim("w", min=4, max=1024)},) if dynamic else None
+def export_and_run(model, x, dynamic=True, min_size=4):
+    """The ONNX program of `model` (eval) for x, checked by onnx.checker; a function that runs it in ONNX Runtime.
+    dynamic: batch and map size dynamic (the map from min_size up)."""
+    dims = ({0: torch.export.Dim("n", max=64), 2: torch.export.Dim("h", min=min_size, max=1024),
+             3: torch.export.Dim("w", min=min_size, max=1024)},) if dynamic else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=dims, verbose=False)
