@@ -138,3 +138,21 @@ def test_the_default_deeplabv3plus_converts_without_a_warning():
         warnings.simplefilter("error")
         convert_aspp(model)
     assert isinstance(model.decoder.aspp[0], FusedSeparableASPP) and model.decoder.aspp[0].rates == (12, 24, 36)
+
+
+@pytest.mark.parametrize("convert", [True, False], ids=["convert", "no-convert"])
+def test_resaspp_erf_reads_the_star_off_a_separable_aspp(tmp_path, capsys, monkeypatch, convert):
+    """`resaspp erf` on a tiny positive network with smp's separable ASPP: converted (or not), its rates read
+    off the module, and the measured star agrees with 2 * max(rates) * OS."""
+    import json
+    from pathlib import Path
+
+    from resaspp_ops.erf.cli import main as erf_main
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    args = ["--model", "erf_models:tiny_smp_separable", "--input-size", "512", "--random", "1", "--no-progress",
+            "--out", str(tmp_path / "erf.png"), "--json", str(tmp_path / "fit.json")]
+    assert erf_main(args + ([] if convert else ["--no-convert"])) == 0
+    assert f"ASPP: {'FusedSeparableASPP' if convert else 'ASPP'})" in capsys.readouterr().out
+    report = json.loads((tmp_path / "fit.json").read_text())
+    assert report["rates"] == [4, 8, 12] and report["output_stride"] == 16 and report["star"]["agree"]
