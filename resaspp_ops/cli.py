@@ -73,14 +73,17 @@ def cmd_info(args) -> int:
         print("resaspp_ops._C: built (no build record)")
     else:
         print(f"resaspp_ops._C: not available: {cuda_backend.availability(torch.device('cuda'), torch.float32)[1]}")
-    for device in ("cpu", "cuda"):
-        print(f"backends for {device} tensors:")
-        for name in B.NAMES:
-            ok, reason = B.status(name, device)
-            print(f"  {name:10s} {'available' if ok else 'unavailable'}: {reason}")
+    for family, title in ((B.MULTI_RATE, "backends"), (B.SEPARABLE, f"{B.SEPARABLE} (separable ASPP) backends")):
+        for device in ("cpu", "cuda"):
+            print(f"{title} for {device} tensors:")
+            for name in B.NAMES:
+                ok, reason = B.status(name, device, family=family)
+                print(f"  {name:10s} {'available' if ok else 'unavailable'}: {reason}")
     for dtype, short in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         choice, why = B.auto_choice("cuda", dtype)
         print(f"auto for a CUDA {short} tensor: {choice} ({why})")
+    choice, why = B.auto_choice("cuda", torch.bfloat16, B.SEPARABLE)
+    print(f"auto for a CUDA bf16 tensor, separable op: {choice} ({why})")
     print(f"ONNX export (torch.onnx.export(..., dynamo=True)): {onnx_export_status()}")
     return 0
 

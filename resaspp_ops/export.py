@@ -3,16 +3,17 @@
 ONNX. `torch.onnx.export(model, args, dynamo=True)` captures the model with torch.export, then decomposes
 every op that its ONNX registry cannot translate, using `torch._decomp.decomposition_table`. The fused ops
 register their plain-PyTorch composition there when resaspp_ops is imported (register_onnx_decompositions):
-one Conv per branch with the branch's dilation and padding, Concat, Mul/Add for the folded epilogue, Relu:
+one Conv per branch with the branch's dilation and padding (for the separable op a depthwise Conv with
+group = C, then the pointwise Conv), Concat, Mul/Add for the folded epilogue and mid stage, Relu:
 standard ONNX nodes, no custom domain, so ONNX Runtime and TensorRT run the graph as it is. Nothing else
 reads that table (torch.compile and ExportedProgram.run_decompositions() keep the op; tests/test_deploy.py
 checks both). The decomposition computes every tap (ONNX Conv pads with zeros), valid for any batch and
-map size, so dynamic shapes export. ONNX export is for inference: FusedASPP warns when it is exported in
+map size, so dynamic shapes export. ONNX export is for inference: the fused modules warn when exported in
 training mode (out of scope: batch statistics, nothing checked against ONNX Runtime).
 The exporter needs onnxscript (`pip install resaspp_ops[onnx]`).
 
-TorchScript cannot compile FusedASPP (its forward is Python: caches, routing, the custom op's Python
-autograd) and a trace would freeze its cached weights and routing: both are refused at once with a message
+TorchScript cannot compile the fused modules (their forward is Python: caches, routing, the custom op's Python
+autograd) and a trace would freeze their cached weights and routing: both are refused at once with a message
 that names the ways to deploy (TORCHSCRIPT_MESSAGE).
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ TORCHSCRIPT_MESSAGE = (
     "resaspp_ops's fused ASPP cannot be compiled or traced by TorchScript. To deploy a model that holds it: "
     "torch.onnx.export(model.eval(), args, dynamo=True) (the fused op exports as standard ONNX Conv/Concat/Relu "
     "nodes), torch.export.export(model, args) (AOTInductor: torch._inductor.aoti_compile_and_package), or "
-    "resaspp_ops.revert_aspp(model) first, which puts torchvision's ASPP back for torch.jit.script / trace.")
+    "resaspp_ops.revert_aspp(model) first, which puts the original ASPP back (torchvision's, or the separable ASPP "
+    "it was converted from) for torch.jit.script / trace.")
 
 
 def refuse_torchscript() -> None:
@@ -40,9 +42,18 @@ def _multi_rate_conv2d_composition(x, w1x1, w3x3, rates, scale, shift, relu, bac
     return multi_rate_conv2d_reference(x, w1x1, w3x3, tuple(rates), scale, shift, relu)
 
 
+def _multi_rate_separable_conv2d_composition(x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, scale, shift,
+                                              relu, backend):
+    from resaspp_ops.ops_separable import multi_rate_separable_conv2d_reference
+
+    return multi_rate_separable_conv2d_reference(x, w1x1, w_dw, w_pw, tuple(rates), mid_scale, mid_shift, mid_relu,
+                                                 scale, shift, relu)
+
+
 def onnx_decompositions() -> dict:
     """{registered op: its plain-PyTorch composition} for the ONNX exporter."""
-    return {torch.ops.resaspp_ops.multi_rate_conv2d.default: _multi_rate_conv2d_composition}
+    return {torch.ops.resaspp_ops.multi_rate_conv2d.default: _multi_rate_conv2d_composition,
+            torch.ops.resaspp_ops.multi_rate_separable_conv2d.default: _multi_rate_separable_conv2d_composition}
 
 
 def register_onnx_decompositions() -> None:

@@ -1,4 +1,5 @@
-"""Dense and useful multiply-accumulate (MAC) counts of ASPP (DESIGN.md section 2).
+"""Dense and useful multiply-accumulate (MAC) counts of ASPP (DESIGN.md section 2), and of DeepLabV3+'s
+separable ASPP (separable_branch_macs, separable_module_macs).
 
 Dense counts every tap of every kernel at every output pixel, as a plain convolution computes it.
 Useful counts only the taps that read inside the image: a 3x3 tap at offset (dy, dx) is useful at
@@ -77,3 +78,21 @@ def module_macs(n: int, c: int, co: int, h: int, w: int, rates: Sequence[int]) -
     projection = n * h * w * (2 + len(rates)) * co * co
     rest = MacCount(pooling + projection, pooling + projection)
     return branch_macs(n, c, co, h, w, rates) + rest
+
+
+def separable_branch_macs(n: int, c: int, co: int, h: int, w: int, rates: Sequence[int]) -> MacCount:
+    """MACs of the 1x1 branch and the len(rates) depthwise-separable branches on x [n, c, h, w]: per branch a
+    3x3 depthwise conv (c channels, dilation = rate; its taps in padding are not useful) and a 1x1 pointwise
+    conv c -> co. This is the work of `multi_rate_separable_conv2d`."""
+    pointwise = n * h * w * c * co * (1 + len(rates))  # the 1x1 branch and every pointwise conv
+    dense = pointwise + n * c * h * w * 9 * len(rates)
+    useful = pointwise + n * c * sum(atrous_tap_pixels(h, w, r) for r in rates)
+    return MacCount(dense, useful)
+
+
+def separable_module_macs(n: int, c: int, co: int, h: int, w: int, rates: Sequence[int]) -> MacCount:
+    """MACs of smp's whole separable ASPP: the branches, the image-pooling 1x1 conv and the projection (as
+    module_macs)."""
+    pooling = n * c * co
+    projection = n * h * w * (2 + len(rates)) * co * co
+    return separable_branch_macs(n, c, co, h, w, rates) + MacCount(pooling + projection, pooling + projection)

@@ -9,11 +9,11 @@ and torch.library.opcheck all work:
 Each takes the name of a concrete backend ("reference", "cuda", "triton"); the public function
 `multi_rate_conv2d` validates its inputs (once: the ops themselves do not), applies autocast and resolves
 backend="auto". In plain eager mode it calls the backend through an autograd.Function instead of the
-dispatcher, the same computation without the custom-op layer's host time (_plain_eager says when).
+dispatcher, the same computation without the custom-op layer's host time (op_common.plain_eager says when).
+The checks, the eager route and the epilogue's backward are shared with the separable op (op_common.py).
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -21,65 +21,28 @@ from torch import Tensor
 
 from resaspp_ops import backend as _backend
 from resaspp_ops.export import refuse_torchscript
+from resaspp_ops.op_common import (accumulation_dtype, autocast_to, check_branch_count, check_per_channel,
+                                   check_rates, check_w1x1, check_weight_like_x, check_x, epilogue_backward,
+                                   needs_grad, plain_eager)
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype kernels accumulate in and the epilogue's scale/shift are held in."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_rates(rates) -> tuple[int, ...]:
-    """rates as a tuple of positive Python ints, or ValueError."""
-    if type(rates) is tuple and rates and all(type(r) is int and r > 0 for r in rates):
-        return rates  # the common case, without the ABC checks below (host time)
-    if isinstance(rates, (int, Tensor)) or not isinstance(rates, Sequence):
-        raise ValueError(f"rates must be a sequence of positive integers, got {rates!r}")
-    out = []
-    for r in rates:
-        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or int(r) < 1:
-            raise ValueError(f"rates must be positive integers, got {list(rates)!r}")
-        out.append(int(r))
-    if not out:
-        raise ValueError("rates must hold at least one atrous rate")
-    return tuple(out)
+__all__ = ["accumulation_dtype", "check_inputs", "check_rates", "multi_rate_conv2d", "multi_rate_conv2d_reference"]
 
 
 def check_inputs(x: Tensor, w1x1: Tensor, w3x3: Tensor, rates, scale: Optional[Tensor],
                  shift: Optional[Tensor]) -> None:
     """Raises ValueError / TypeError with a clear message for anything the op does not accept."""
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor [N, C, H, W], got shape {tuple(getattr(x, 'shape', ()))}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if w1x1.dim() != 4 or tuple(w1x1.shape[2:]) != (1, 1):
-        raise ValueError(f"w1x1 must be [Co, C, 1, 1], got {tuple(w1x1.shape)}")
+    check_x(x)
+    check_w1x1(w1x1)
     if w3x3.dim() != 5 or tuple(w3x3.shape[3:]) != (3, 3):
         raise ValueError(f"w3x3 must be [B, Co, C, 3, 3], got {tuple(w3x3.shape)}")
-    n_rates = len(rates)
-    if w3x3.shape[0] != n_rates:
-        raise ValueError(f"w3x3 holds {w3x3.shape[0]} atrous branches but {n_rates} rates were given")
+    check_branch_count("w3x3", w3x3, rates)
     if w1x1.shape[1] != x.shape[1] or w3x3.shape[2] != x.shape[1]:
         raise ValueError(f"channel mismatch: x has C={x.shape[1]} but w1x1 expects {w1x1.shape[1]} "
                          f"and w3x3 expects {w3x3.shape[2]} input channels")
     if w3x3.shape[1] != w1x1.shape[0]:
         raise ValueError(f"w1x1 has Co={w1x1.shape[0]} output channels but w3x3 has {w3x3.shape[1]}")
-    for name, t in (("w1x1", w1x1), ("w3x3", w3x3)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}; cast them to one dtype or use torch.autocast")
-    channels = (1 + n_rates) * w1x1.shape[0]
-    for name, t in (("scale", scale), ("shift", shift)):
-        if t is None:
-            continue
-        if t.dim() != 1 or t.shape[0] != channels:
-            raise ValueError(f"{name} must be [(1+B)*Co] = [{channels}], got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    check_weight_like_x((("w1x1", w1x1), ("w3x3", w3x3)), x)
+    check_per_channel((("scale", scale), ("shift", shift)), (1 + len(rates)) * w1x1.shape[0], "[(1+B)*Co]", x)
 
 
 def _output_like(x: Tensor, channels) -> Tensor:
@@ -138,7 +101,6 @@ def _(grad, x, w1x1, w3x3, rates, need_x, need_w, backend):
 def _setup_context(ctx, inputs, output):
     x, w1x1, w3x3, rates, scale, shift, relu, backend = inputs
     ctx.rates, ctx.relu, ctx.backend = tuple(rates), relu, backend
-    ctx.has_scale, ctx.has_shift = scale is not None, shift is not None
     ctx.eager = False  # _EagerMultiRateConv2d sets it: the backward then calls the backend directly too
     ctx.save_for_backward(x, w1x1, w3x3, scale, shift, output if relu else None)
 
@@ -148,20 +110,9 @@ def _backward(ctx, grad_out):
     need_x, need_w1, need_w3, _, need_scale, need_shift = ctx.needs_input_grad[:6]
     forward_op = _forward if ctx.eager else torch.ops.resaspp_ops.multi_rate_conv2d
     backward_op = _backward_convs if ctx.eager else torch.ops.resaspp_ops.multi_rate_conv2d_backward
-    grad = grad_out
-    if ctx.relu:
-        grad = torch.where(out > 0, grad, 0)  # as torch.relu's backward: zero where out <= 0 or NaN
-    grad_scale = grad_shift = None
-    if ctx.has_scale or ctx.has_shift:
-        acc = accumulation_dtype(x.dtype)
-        grad_acc = grad.to(acc)
-        if ctx.has_shift and need_shift:
-            grad_shift = grad_acc.sum(dim=(0, 2, 3)).to(shift.dtype)
-        if ctx.has_scale and need_scale:
-            conv = forward_op(x, w1x1, w3x3, ctx.rates, None, None, False, ctx.backend)
-            grad_scale = (grad_acc * conv.to(acc)).sum(dim=(0, 2, 3)).to(scale.dtype)
-        if ctx.has_scale:
-            grad = (grad_acc * scale.to(acc).view(1, -1, 1, 1)).to(x.dtype)
+    grad, grad_scale, grad_shift = epilogue_backward(
+        grad_out, out, scale, shift, need_scale, need_shift, x.dtype,
+        lambda: forward_op(x, w1x1, w3x3, ctx.rates, None, None, False, ctx.backend))
     grad_x = grad_w1x1 = grad_w3x3 = None
     if need_x or need_w1 or need_w3:
         gx, gw1, gw3 = backward_op(grad, x, w1x1, w3x3, ctx.rates, need_x, need_w1 or need_w3, ctx.backend)
@@ -175,7 +126,7 @@ _multi_rate_conv2d.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerMultiRateConv2d(torch.autograd.Function):
-    """The op's autograd in plain eager mode, without the custom-op layer (see _plain_eager): the same
+    """The op's autograd in plain eager mode, without the custom-op layer (see op_common.plain_eager): the same
     backend calls and the same _backward as the registered op, less host time (benchmarks/NOTES.md)."""
 
     @staticmethod
@@ -191,28 +142,11 @@ class _EagerMultiRateConv2d(torch.autograd.Function):
         return _backward(ctx, grad_out)
 
 
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
-
-
-def _plain_eager(*tensors: Optional[Tensor]) -> bool:
-    """Whether nothing but eager autograd will see this call: not compiling, exporting or tracing, no
-    functorch transform, no Python dispatch or function mode, no tensor subclass. Only then may the op skip
-    the custom-op layer; anything that needs to see the op (torch.compile, torch.export, opcheck, FakeTensor,
-    vmap, FlopCounterMode, DTensor, jit.trace) gets the registered op."""
-    if (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
-            or torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled()):
-        return False
-    return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
-
-
 def _call(x, w1x1, w3x3, rates, scale, shift, relu, backend) -> Tensor:
-    """The op on validated inputs, by the cheapest route that keeps its meaning (see _plain_eager)."""
-    if not _plain_eager(x, w1x1, w3x3, scale, shift):
+    """The op on validated inputs, by the cheapest route that keeps its meaning (see plain_eager)."""
+    if not plain_eager(x, w1x1, w3x3, scale, shift):
         return torch.ops.resaspp_ops.multi_rate_conv2d(x, w1x1, w3x3, rates, scale, shift, relu, backend)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                 for t in (x, w1x1, w3x3, scale, shift))
-    if needs_grad and not getattr(_backend.get(backend), "DIFFERENTIABLE", False):
+    if needs_grad(x, w1x1, w3x3, scale, shift) and not getattr(_backend.get(backend), "DIFFERENTIABLE", False):
         return _EagerMultiRateConv2d.apply(x, w1x1, w3x3, rates, scale, shift, relu, backend)
     # No grad needed, or a backend made of differentiable PyTorch ops (the reference): PyTorch's own autograd
     # then records and differentiates them, which no hand-written backward undercuts.
@@ -242,9 +176,7 @@ def multi_rate_conv2d(x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int
     rates = check_rates(rates)
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if torch.is_autocast_enabled(x.device.type) and x.dtype in _FLOAT_DTYPES and x.dtype != torch.float64:
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w1x1, w3x3 = x.to(dtype), w1x1.to(dtype), w3x3.to(dtype)
+    x, w1x1, w3x3 = autocast_to(x, w1x1, w3x3)
     check_inputs(x, w1x1, w3x3, rates, scale, shift)
     name = _backend.resolve(backend, x.device, x.dtype)
     return _call(x, w1x1, w3x3, rates, scale, shift, relu, name)

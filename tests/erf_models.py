@@ -2,6 +2,7 @@
 
     [N, 3, H, W] -> Conv 4x4 stride 4 -> ReLU -> Conv 4x4 stride 4 -> ReLU     [N, C, H/16, W/16]
                  -> FusedASPP(C, rates, Co) -> Conv 1x1 (K classes)           [N, K, H/16, W/16]
+                    (FusedSeparableASPP with separable=True)
                  -> bilinear x16 upsampling                                    [N, K, H, W]
 
 The strided convs do not overlap, so each feature unit sees exactly one 16 x 16 pixel block and the
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from resaspp_ops import FusedASPP
+from resaspp_ops import FusedASPP, FusedSeparableASPP
 
 
 class TinySegNet(nn.Module):
@@ -26,11 +27,11 @@ class TinySegNet(nn.Module):
     output_stride = 16
 
     def __init__(self, rates=(6, 12, 18), channels: int = 4, aspp_channels: int = 4, num_classes: int = 2, *,
-                 positive: bool = True, backend: str = "auto", seed: int = 0) -> None:
+                 positive: bool = True, backend: str = "auto", seed: int = 0, separable: bool = False) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, channels, 4, stride=4), nn.ReLU(),
                                   nn.Conv2d(channels, channels, 4, stride=4), nn.ReLU())
-        self.aspp = FusedASPP(channels, rates, aspp_channels, backend=backend)
+        self.aspp = (FusedSeparableASPP if separable else FusedASPP)(channels, rates, aspp_channels, backend=backend)
         self.classifier = nn.Conv2d(aspp_channels, num_classes, 1)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -69,3 +70,10 @@ def tiny_torchvision() -> nn.Module:
     from resaspp_ops.nn import revert_aspp
 
     return revert_aspp(tiny())
+
+
+def tiny_smp_separable() -> nn.Module:
+    """`tiny` with segmentation_models_pytorch's separable ASPP (the CLI converts it to FusedSeparableASPP)."""
+    from resaspp_ops.nn import revert_aspp
+
+    return revert_aspp(TinySegNet(rates=(4, 8, 12), separable=True))

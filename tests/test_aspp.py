@@ -10,21 +10,10 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 
 import resaspp_ops
 from resaspp_ops import FusedASPP, convert_aspp, revert_aspp
+from utils import randomize_batchnorm
 
 RATES = (2, 5, 11)
 
-
-def randomize_batchnorm(module, seed=0):
-    """Non-trivial BN statistics and affine parameters, so eval-mode folding is really tested."""
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-    return module
 
 
 def twin_modules(c=12, rates=RATES, co=8, dtype=torch.float64, device="cpu"):

@@ -12,7 +12,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 import resaspp_ops
 from resaspp_ops import FusedASPP, convert_aspp, revert_aspp
 from resaspp_ops.export import TORCHSCRIPT_MESSAGE
-from test_aspp import randomize_batchnorm
+from utils import randomize_batchnorm
 
 onnx = pytest.importorskip("onnx", reason="the test extra installs onnx (pip install -e '.[test]')")
 ort = pytest.importorskip("onnxruntime", reason="the test extra installs onnxruntime")
@@ -23,10 +23,11 @@ STANDARD_ONNX = {"Conv", "Concat", "Mul", "Add", "Relu", "ReduceMean", "Sqrt", "
                  "Constant", "Squeeze", "Concat", "Reciprocal", "GlobalAveragePool"}
 
 
-def export_and_run(model, x, dynamic=True):
-    """The ONNX program of `model` (eval) for x, checked by onnx.checker; a function that runs it in ONNX Runtime."""
-    dims = ({0: torch.export.Dim("n", max=64), 2: torch.export.Dim("h", min=4, max=1024),
-             3: torch.export.Dim("w", min=4, max=1024)},) if dynamic else None
+def export_and_run(model, x, dynamic=True, min_size=4):
+    """The ONNX program of `model` (eval) for x, checked by onnx.checker; a function that runs it in ONNX Runtime.
+    dynamic: batch and map size dynamic (the map from min_size up)."""
+    dims = ({0: torch.export.Dim("n", max=64), 2: torch.export.Dim("h", min=min_size, max=1024),
+             3: torch.export.Dim("w", min=min_size, max=1024)},) if dynamic else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=dims, verbose=False)

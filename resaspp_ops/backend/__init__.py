@@ -1,6 +1,12 @@
-"""Backends of the fused multi-rate convolution, and the choice between them.
+"""Backends of the fused ops, and the choice between them.
 
-Every backend is a module with the same three functions (the contract the ops layer relies on):
+The ops come in families (FAMILIES): multi_rate_conv2d (ASPP's 1x1 and atrous 3x3 branches) and
+multi_rate_separable_conv2d (DeepLabV3+'s depthwise-separable branches). A backend implements a family with
+one module; FAMILIES maps each family to {backend name: module}, and a backend not listed there for a family
+does not implement it yet (a named call raises NotImplementedError, "auto" passes it over). A kernel backend
+declares a family by adding its module there. The separable contract is in backend/reference_separable.py.
+
+Every multi_rate_conv2d backend is a module with the same three functions (the contract the ops layer relies on):
 
     availability(device: torch.device, dtype: torch.dtype) -> (bool, str)
         whether it can run tensors of that device and dtype here, and if not, why not.
@@ -24,12 +30,19 @@ from typing import NamedTuple
 import torch
 
 NAMES = ("reference", "cuda", "triton")
-# The order "auto" tries on a CUDA device by default (auto_order refines it per arch and dtype); the CPU
-# always gets the reference (oneDNN) path.
+# The order "auto" tries on a CUDA device by default, among the backends that implement the family
+# (auto_order refines it per arch and dtype); the CPU always gets the reference (oneDNN) path.
 AUTO_ORDER_CUDA = ("cuda", "triton", "reference")
 # On Hopper, for fp16 / bf16 / TF32: Triton first until GPU numbers decide (benchmarks/NOTES.md: the CUDA
 # backend's WMMA kernels are modelled at 0.3-0.7x cuDNN, the Triton second design at or above it).
 AUTO_ORDER_SM90 = ("triton", "cuda", "reference")
+
+MULTI_RATE = "multi_rate_conv2d"
+SEPARABLE = "multi_rate_separable_conv2d"
+FAMILIES = {
+    MULTI_RATE: {"reference": "reference", "cuda": "cuda", "triton": "triton"},
+    SEPARABLE: {"reference": "reference_separable"},
+}
 
 
 class BackendStatus(NamedTuple):
@@ -40,24 +53,42 @@ class BackendStatus(NamedTuple):
 _MODULES: dict = {}
 
 
-def get(name: str):
-    """The backend module called `name` (one of NAMES), imported on first use."""
-    module = _MODULES.get(name)
+def implements(name: str, family: str = MULTI_RATE) -> bool:
+    """Whether backend `name` implements the op family."""
+    return name in FAMILIES[family]
+
+
+def not_implemented_reason(name: str, family: str) -> str:
+    return (f"backend {name!r} does not implement {family} yet; implemented by: "
+            f"{', '.join(n for n in NAMES if implements(n, family))}")
+
+
+def get(name: str, family: str = MULTI_RATE):
+    """The module of backend `name` (one of NAMES) for the op family, imported on first use; NotImplementedError
+    where the backend does not implement the family."""
+    module = _MODULES.get((name, family))
     if module is None:
         if name not in NAMES:
             raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)} or 'auto'")
-        module = _MODULES[name] = importlib.import_module(f"{__name__}.{name}")
+        if not implements(name, family):
+            raise NotImplementedError(not_implemented_reason(name, family))
+        module = _MODULES[(name, family)] = importlib.import_module(f"{__name__}.{FAMILIES[family][name]}")
     return module
 
 
-def status(name: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> BackendStatus:
-    """Whether backend `name` can run tensors of this device and dtype, and if not, why not."""
-    ok, reason = get(name).availability(torch.device(device), dtype)
+def status(name: str, device: torch.device | str, dtype: torch.dtype = torch.float32,
+           family: str = MULTI_RATE) -> BackendStatus:
+    """Whether backend `name` can run the family's op on tensors of this device and dtype, and if not, why not."""
+    if name in NAMES and not implements(name, family):
+        return BackendStatus(False, not_implemented_reason(name, family))
+    ok, reason = get(name, family).availability(torch.device(device), dtype)
     return BackendStatus(bool(ok), reason)
 
 
-def auto_order(device: torch.device, dtype: torch.dtype) -> tuple[tuple[str, ...], str]:
-    """(the backends "auto" tries in order for tensors of this device and dtype, why that order)."""
+def auto_order(device: torch.device, dtype: torch.dtype,
+               family: str = MULTI_RATE) -> tuple[tuple[str, ...], str]:
+    """(the backends "auto" tries in order for the family's op on tensors of this device and dtype, why that
+    order); backends that do not implement the family are left out."""
     if device.type != "cuda":
         return ("reference",), f"{device.type} tensors run on the reference backend (PyTorch's own convolutions)"
     if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
@@ -65,14 +96,22 @@ def auto_order(device: torch.device, dtype: torch.dtype) -> tuple[tuple[str, ...
                                 "expected to beat cuDNN's exact fp32 convolutions, so PyTorch's run")
     if dtype in (torch.float16, torch.bfloat16, torch.float32) and torch.cuda.is_available() \
             and torch.cuda.get_device_capability(device) >= (9, 0):
-        return AUTO_ORDER_SM90, "sm_90: Triton first until the GPU numbers decide"
-    return AUTO_ORDER_CUDA, "the CUDA kernels first"
+        order, reason = AUTO_ORDER_SM90, "sm_90: Triton first until the GPU numbers decide"
+    else:
+        order, reason = AUTO_ORDER_CUDA, "the CUDA kernels first"
+    implemented = tuple(n for n in order if implements(n, family))
+    missing = ", ".join(n for n in order if n not in implemented)
+    if implemented == ("reference",):
+        reason = f"{missing}: not implemented for {family} yet, so PyTorch's convolutions run"
+    elif missing:
+        reason += f"; {missing}: not implemented for {family} yet"
+    return implemented, reason
 
 
-def _auto_pick(device: torch.device, dtype: torch.dtype) -> str:
-    order, _ = auto_order(device, dtype)
+def _auto_pick(device: torch.device, dtype: torch.dtype, family: str = MULTI_RATE) -> str:
+    order, _ = auto_order(device, dtype, family)
     for candidate in order:
-        if get(candidate).availability(device, dtype)[0]:
+        if get(candidate, family).availability(device, dtype)[0]:
             return candidate
     return "reference"
 
@@ -83,36 +122,38 @@ _WARNED: set = set()
 # A trace-time constant under torch.compile: the backend is fixed when the graph is captured,
 # and the module lookup (importlib) stays out of the graph.
 @torch.compiler.assume_constant_result
-def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend that runs tensors of this device and dtype.
+def resolve(name: str, device: torch.device, dtype: torch.dtype, family: str = MULTI_RATE) -> str:
+    """The concrete backend that runs the family's op on tensors of this device and dtype.
 
-    "auto" picks the first available of AUTO_ORDER_CUDA on CUDA and the reference elsewhere; on CUDA,
-    when it cannot take the first choice it says why, once per process and reason.
-    A named backend that cannot run them raises RuntimeError with the reason: never a silent stand-in.
+    "auto" picks the first available backend of auto_order (per arch, dtype and family) on CUDA, and the
+    reference elsewhere; on CUDA, when it cannot take the first of those it says why, once per process and reason.
+    A named backend that does not implement the family raises NotImplementedError, one that cannot run the
+    tensors RuntimeError, each with the reason: never a silent stand-in.
     """
     if name == "auto":
-        order, _ = auto_order(device, dtype)
-        chosen = _auto_pick(device, dtype)
+        order, _ = auto_order(device, dtype, family)
+        chosen = _auto_pick(device, dtype, family)
         if device.type == "cuda" and chosen != order[0]:
-            why = get(order[0]).availability(device, dtype)[1]
+            why = get(order[0], family).availability(device, dtype)[1]
             if (chosen, why) not in _WARNED:
                 _WARNED.add((chosen, why))
                 warnings.warn(f"resaspp_ops: backend='auto' runs {dtype} CUDA tensors on {chosen!r}, "
                               f"not {order[0]!r}: {why}", stacklevel=3)
         return chosen
-    ok, reason = get(name).availability(device, dtype)
+    ok, reason = get(name, family).availability(device, dtype)
     if not ok:
         raise RuntimeError(f"resaspp_ops backend {name!r} cannot run {dtype} tensors on {device}: {reason}")
     return name
 
 
-def auto_choice(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> tuple[str, str]:
-    """(backend, why) that "auto" picks for tensors of this device and dtype."""
+def auto_choice(device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
+                family: str = MULTI_RATE) -> tuple[str, str]:
+    """(backend, why) that "auto" picks for the family's op on tensors of this device and dtype."""
     device = torch.device(device)
-    order, reason = auto_order(device, dtype)
-    chosen = _auto_pick(device, dtype)
+    order, reason = auto_order(device, dtype, family)
+    chosen = _auto_pick(device, dtype, family)
     if device.type != "cuda" or order == ("reference",):
         return chosen, reason
-    skipped = [f"{n}: {get(n).availability(device, dtype)[1]}" for n in order[: order.index(chosen)]]
+    skipped = [f"{n}: {get(n, family).availability(device, dtype)[1]}" for n in order[: order.index(chosen)]]
     why = f"first available in the order {' > '.join(order)} ({reason})"
     return chosen, why + (f" (skipped {'; '.join(skipped)})" if skipped else "")

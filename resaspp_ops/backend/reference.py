@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,28 @@ class LiveConv:
     dilation: tuple[int, int]
 
 
+class LiveWindow(NamedTuple):
+    """The kernel rows and columns of one 3x3 branch with dilation `rate` that can read inside an H x W map
+    (slices of the 3x3 kernel), and the padding and dilation that keep the output H x W with only those."""
+
+    rows: slice
+    cols: slice
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    @property
+    def centre_only(self) -> bool:
+        """Every off-centre tap is padding (rate >= H and >= W): the branch is a 1x1 conv with its centre tap."""
+        return self.rows.stop - self.rows.start == 1 and self.cols.stop - self.cols.start == 1
+
+
+def live_window(h: int, w: int, rate: int) -> LiveWindow:
+    live_rows, live_cols = rate < h, rate < w
+    return LiveWindow(slice(0, 3) if live_rows else slice(1, 2), slice(0, 3) if live_cols else slice(1, 2),
+                      (rate if live_rows else 0, rate if live_cols else 0),
+                      (rate if live_rows else 1, rate if live_cols else 1))
+
+
 @functools.lru_cache(maxsize=256)
 def plan(h: int, w: int, rates: tuple[int, ...]) -> tuple[LiveConv, ...]:
     """The convolutions that compute the 1+B branches on an H x W map, padding-only taps dropped (cached:
@@ -70,14 +93,11 @@ def plan(h: int, w: int, rates: tuple[int, ...]) -> tuple[LiveConv, ...]:
     centre_only = [0]
     convs = []
     for i, r in enumerate(rates):
-        live_rows, live_cols = r < h, r < w
-        if not live_rows and not live_cols:
+        window = live_window(h, w, r)
+        if window.centre_only:
             centre_only.append(1 + i)
             continue
-        convs.append(LiveConv((1 + i,), slice(0, 3) if live_rows else slice(1, 2),
-                              slice(0, 3) if live_cols else slice(1, 2),
-                              (r if live_rows else 0, r if live_cols else 0),
-                              (r if live_rows else 1, r if live_cols else 1)))
+        convs.append(LiveConv((1 + i,), *window))
     return (LiveConv(tuple(centre_only), slice(0, 1), slice(0, 1), (0, 0), (1, 1)), *convs)
 
 

@@ -17,9 +17,15 @@ Level "branches" (the 1x1 + B atrous convolutions alone, output [N, (1+B)*Co, H,
     fused-triton-v1        multi_rate_conv2d(backend="triton") on the first kernel design
     fused-auto-compile     torch.compile of multi_rate_conv2d(backend="auto")
 
+The separable family (DeepLabV3+ presets; bench/separable.py) has the same levels and fused provider names:
+    smp-eager / smp-eager-cl / smp-compile        segmentation_models_pytorch's separable ASPP (module level),
+                                                  against FusedSeparableASPP(backend=...)
+    sepconv-eager / sepconv-eager-cl / sepconv-compile   1x1 + per branch depthwise and pointwise F.conv2d, and
+                                                  the concat (branch level), against multi_rate_separable_conv2d
+
 Fused providers get channels_last input, the kernels' native layout and the layout of the best
-baselines; a fused provider whose backend cannot run here is skipped with the backend's own reason,
-never replaced by another backend.
+baselines; a fused provider whose backend cannot run here (or does not implement the family's op) is skipped
+with the reason, never replaced by another backend.
 """
 from __future__ import annotations
 
@@ -34,26 +40,32 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resaspp_ops import backend as _backend
+from resaspp_ops.bench import separable
 from resaspp_ops.bench.relu_masks import ReluMaskRecorder
 from resaspp_ops.nn import FusedASPP
 from resaspp_ops.ops import multi_rate_conv2d
 
 LEVELS = ("module", "branches")
+# (preset family, level) -> its PyTorch baselines; the first is the yardstick of DESIGN.md section 5's rule (the
+# baseline whose error against float64 bounds the others').
 BASELINES = {
-    "module": ("torchvision-eager", "torchvision-eager-cl", "torchvision-compile"),
-    "branches": ("conv2d-eager", "conv2d-eager-cl", "conv2d-compile"),
+    ("aspp", "module"): ("torchvision-eager", "torchvision-eager-cl", "torchvision-compile"),
+    ("aspp", "branches"): ("conv2d-eager", "conv2d-eager-cl", "conv2d-compile"),
+    ("separable", "module"): ("smp-eager", "smp-eager-cl", "smp-compile"),
+    ("separable", "branches"): ("sepconv-eager", "sepconv-eager-cl", "sepconv-compile"),
 }
 FUSED_BACKENDS = {"fused-triton": "triton", "fused-triton-v1": "triton", "fused-cuda": "cuda", "fused-auto": "auto",
                   "fused-auto-compile": "auto"}
 # Providers that run a backend's other kernel design, so that one run compares the designs (step_context).
 KERNEL_VERSIONS = {"fused-triton-v1": ("triton", "v1")}
-# The baseline whose error against float64 is the yardstick of DESIGN.md section 5's rule.
-YARDSTICK = {"module": "torchvision-eager", "branches": "conv2d-eager"}
-ALL_PROVIDERS = tuple(dict.fromkeys(p for level in LEVELS for p in BASELINES[level] + tuple(FUSED_BACKENDS)))
+YARDSTICK = {key: names[0] for key, names in BASELINES.items()}
+# The op family each preset family runs (backend.FAMILIES).
+OP_FAMILY = {"aspp": _backend.MULTI_RATE, "separable": _backend.SEPARABLE}
+ALL_PROVIDERS = tuple(dict.fromkeys(p for key in BASELINES for p in BASELINES[key] + tuple(FUSED_BACKENDS)))
 
 
-def providers_of(level: str) -> tuple[str, ...]:
-    return BASELINES[level] + tuple(FUSED_BACKENDS)
+def providers_of(level: str, family: str = "aspp") -> tuple[str, ...]:
+    return BASELINES[(family, level)] + tuple(FUSED_BACKENDS)
 
 
 def is_baseline(provider: str) -> bool:
@@ -68,21 +80,27 @@ def takes_channels_last(provider: str) -> bool:
     return not provider.endswith("-eager")
 
 
-def skip_reason(provider: str, device: torch.device, dtype: torch.dtype, explicitly_requested: bool) -> Optional[str]:
-    """Why `provider` is not run for tensors of this device and dtype, or None if it runs."""
+def skip_reason(provider: str, device: torch.device, dtype: torch.dtype, explicitly_requested: bool,
+                family: str = "aspp", level: str = "branches") -> Optional[str]:
+    """Why `provider` is not run for a case of this family and level on tensors of this device and dtype, or
+    None if it runs."""
+    if family == "separable" and level == "module" and separable.smp_unavailable():
+        return separable.smp_unavailable()
     if is_compiled(provider) and device.type == "cpu" and not explicitly_requested:
         return "torch.compile on the CPU is slow; ask for it with --providers"
     backend = FUSED_BACKENDS.get(provider)
     if backend is not None and backend != "auto":
-        available, reason = _backend.status(backend, device, dtype)
+        if not _backend.implements(backend, OP_FAMILY[family]):
+            return f"backend {backend!r} does not implement {OP_FAMILY[family]} yet"
+        available, reason = _backend.status(backend, device, dtype, OP_FAMILY[family])
         if not available:
             return f"backend {backend!r} unavailable: {reason}"
     return None
 
 
-def auto_note(device: torch.device, dtype: torch.dtype) -> str:
+def auto_note(device: torch.device, dtype: torch.dtype, family: str = "aspp") -> str:
     """Which concrete backend fused-auto runs, for the report."""
-    return f"auto -> {_backend.resolve('auto', device, dtype)}"
+    return f"auto -> {_backend.resolve('auto', device, dtype, OP_FAMILY[family])}"
 
 
 class BranchConvs(nn.Module):
@@ -167,14 +185,17 @@ DEFAULT_COMPILE_MODE = "max-autotune"
 
 
 def build(level: str, provider: str, source: nn.Module, rates, device: torch.device, train: bool,
-          compile_mode: str = DEFAULT_COMPILE_MODE) -> Runner:
+          compile_mode: str = DEFAULT_COMPILE_MODE, family: str = "aspp") -> Runner:
     """A Runner for `provider` from `source`, the case's weights already in the case's dtype (on the CPU).
 
-    source is a torchvision ASPP (level "module") or a BranchConvs with impl "conv2d" (level "branches").
+    source is a torchvision ASPP (level "module") or a BranchConvs with impl "conv2d" (level "branches"); for
+    the separable family smp's separable ASPP or a SeparableBranchConvs (bench/separable.py).
     compile_mode: torch.compile's mode for the -compile providers.
     """
     backend = FUSED_BACKENDS.get(provider)
-    if level == "module":
+    if family == "separable":
+        module = separable.module_for(level, backend, source, rates)
+    elif level == "module":
         if backend is None:
             module = copy.deepcopy(source)
         else:
@@ -197,7 +218,7 @@ def build(level: str, provider: str, source: nn.Module, rates, device: torch.dev
         if recorder is not None:
             recorder.attach()  # before the compile, which traces the hooks in (see bench.relu_masks)
         fn = _new_step_each_call(torch.compile(module, mode=compile_mode), recorder)  # harmless without graphs
-    note = auto_note(device, next(module.parameters()).dtype) if backend == "auto" else ""
+    note = auto_note(device, next(module.parameters()).dtype, family) if backend == "auto" else ""
     context = contextlib.nullcontext
     if provider in KERNEL_VERSIONS:
         backend_name, version = KERNEL_VERSIONS[provider]

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from resaspp_ops.bench.environment import device_slug
-from resaspp_ops.bench.providers import BASELINES
+from resaspp_ops.bench.providers import is_baseline
 
 COLUMNS = ("level", "preset", "rates", "provider", "dtype", "mode", "median ms", "p20-p80 ms", "peak MiB",
            "dense TFLOP/s", "useful TFLOP/s", "vs best baseline", "host us", "correct")
@@ -60,8 +60,7 @@ def markdown(doc: dict) -> str:
         mine = [r for r in rows if _case_key(r) == key]
         used = next((r["speedup_baselines"] for r in mine if r.get("speedup_baselines")), None)
         if used is not None:  # baselines this run was asked for that were not timed on this case
-            missing.update(r["provider"] for r in mine if r["provider"] in BASELINES[key[0]]
-                           and r["provider"] not in used)
+            missing.update(r["provider"] for r in mine if is_baseline(r["provider"]) and r["provider"] not in used)
     if missing:
         lines += ["", "Speedups measured without some baselines (baseline: number of cases):", ""]
         lines += [f"- {b} ({count})" for b, count in missing.items()]

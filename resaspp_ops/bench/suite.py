@@ -39,7 +39,7 @@ def plan(args, device: torch.device) -> list[Case]:
 
 
 def providers_for(case: Case, requested: Optional[list]) -> list[str]:
-    return [p for p in providers_of(case.level) if requested is None or p in requested]
+    return [p for p in providers_of(case.level, case.family) if requested is None or p in requested]
 
 
 def empty_row(case: Case, provider: str) -> dict:
@@ -88,7 +88,8 @@ def run_case(case: Case, providers: list, requested: Optional[list], device: tor
     case has run: see add_speedups). check_only: the correctness check alone, nothing timed. seed: of the
     case's weights (seed), inputs (seed + 1) and output grad (seed + 2)."""
     rows = [empty_row(case, p) for p in providers]
-    reasons = {p: skip_reason(p, device, case.dtype, requested is not None and p in requested) for p in providers}
+    reasons = {p: skip_reason(p, device, case.dtype, requested is not None and p in requested, case.family, case.level)
+               for p in providers}
     if out_of_time() or all(reasons.values()):  # nothing will run: spare the setup and the float64 reference
         for row in rows:
             row["note"] = f"skipped: {reasons[row['provider']] or 'time budget spent'}"
@@ -100,7 +101,8 @@ def run_case(case: Case, providers: list, requested: Optional[list], device: tor
         xs_cl = [x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(case.train) for x in xs]
         grad = make_output_grad(case, device, seed + 2) if case.train else None
         references = Float64References(case, source, xs[0], grad, device)
-        yard_runner = build(case.level, YARDSTICK[case.level], source, case.rates, device, case.train)
+        yardstick_name = YARDSTICK[(case.family, case.level)]
+        yard_runner = build(case.level, yardstick_name, source, case.rates, device, case.train, family=case.family)
         yardstick = judged(run_once(yard_runner.fn, yard_runner.module, xs[0], grad, case.train,
                                     yard_runner.relu_recorder), references)
         del yard_runner
@@ -128,12 +130,13 @@ def run_case(case: Case, providers: list, requested: Optional[list], device: tor
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             baseline_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-            runner = build(case.level, provider, source, case.rates, device, case.train, compile_mode=compile_mode)
+            runner = build(case.level, provider, source, case.rates, device, case.train, compile_mode=compile_mode,
+                           family=case.family)
             inputs = xs_cl if runner.channels_last else xs
             with runner.step_context():
                 run = judged(run_once(runner.fn, runner.module, inputs[0], grad, case.train, runner.relu_recorder),
                              references)
-            if provider == YARDSTICK[case.level]:
+            if provider == yardstick_name:
                 correct, detail = True, "yardstick of the error rule"
             else:
                 compiled_fused = is_compiled(provider) and not is_baseline(provider)
@@ -277,7 +280,7 @@ def run(argv) -> int:
     command = "resaspp bench " + shlex.join(list(argv))
     meta = metadata(device, command)
     meta["presets"] = {c.preset.name: {"n": c.preset.n, "c": c.preset.c, "co": c.preset.co, "h": c.preset.h,
-                                       "w": c.preset.w} for c in cases}
+                                       "w": c.preset.w, "family": c.preset.family} for c in cases}
     meta["compile_mode"] = args.compile_mode
     meta["env"] = {k: os.environ[k] for k in RECORDED_ENV if k in os.environ}
     meta["time_budget_s"] = budget

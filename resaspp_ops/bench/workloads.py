@@ -8,10 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from resaspp_ops.bench import separable
 from resaspp_ops.bench.presets import Preset
 from resaspp_ops.bench.providers import BranchConvs, set_dropout
 from resaspp_ops.bench.relu_masks import ReluMaskRecorder, masks_of, same_masks
-from resaspp_ops.flops import FWD_BWD_FACTOR, MacCount, branch_macs, module_macs
+from resaspp_ops.flops import (FWD_BWD_FACTOR, MacCount, branch_macs, module_macs, separable_branch_macs,
+                               separable_module_macs)
 
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -36,10 +38,16 @@ class Case:
     def train(self) -> bool:
         return self.mode == "fwd+bwd"
 
+    @property
+    def family(self) -> str:
+        return self.preset.family
+
     def macs(self) -> MacCount:
         """MACs of one step: forward, times FWD_BWD_FACTOR with the backward."""
         p = self.preset
-        count = (module_macs if self.level == "module" else branch_macs)(p.n, p.c, p.co, p.h, p.w, self.rates)
+        counts = {("aspp", "module"): module_macs, ("aspp", "branches"): branch_macs,
+                  ("separable", "module"): separable_module_macs, ("separable", "branches"): separable_branch_macs}
+        count = counts[(self.family, self.level)](p.n, p.c, p.co, p.h, p.w, self.rates)
         return count.scaled(FWD_BWD_FACTOR) if self.train else count
 
     def label(self) -> str:
@@ -47,13 +55,16 @@ class Case:
 
 
 def make_source(case: Case, seed: int = 0) -> nn.Module:
-    """The case's weights on the CPU, rounded to its dtype: a torchvision ASPP or a conv2d BranchConvs.
+    """The case's weights on the CPU, rounded to its dtype: a torchvision ASPP or a conv2d BranchConvs (for the
+    separable family: bench/separable.py's).
 
     BatchNorm statistics and affine parameters are randomised so that folding them is exercised.
     """
     from torchvision.models.segmentation.deeplabv3 import ASPP
 
     p = case.preset
+    if case.family == "separable":
+        return separable.make_source(case.level, (p.n, p.c, p.co), case.rates, case.dtype, seed)
     torch.manual_seed(seed)
     if case.level == "module":
         module = ASPP(p.c, case.rates, p.co)

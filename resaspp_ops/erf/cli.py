@@ -6,8 +6,9 @@
 --model is a torchvision segmentation builder (built with weights=None, weights_backbone=None:
 nothing is downloaded) or module:factory, a callable taking no arguments (the module is imported
 with the current directory on sys.path). Unless --no-convert, its ASPP modules become FusedASPP
-(convert_aspp). The ASPP's rates and the output stride are read off the model during the first
-forward pass (--rates / --output-stride override them). --images and --random images are
+(convert_aspp; separable ASPPs of segmentation_models_pytorch and VainF/DeepLabV3Plus-Pytorch become
+FusedSeparableASPP). The ASPP's rates (also of separable ASPPs) and the output stride are read off the model
+during the first forward pass (--rates / --output-stride override them). --images and --random images are
 ImageNet-normalised as torchvision's models expect (--random: uniform random pixels).
 The picture shows the ERF on a linear and a log scale, blurred by OS / 2 px (--smooth): a randomly
 initialised network's ERF is pixel noise around the star. The fit and the star measurement use
@@ -166,15 +167,10 @@ class _Batches:
 
 
 def _aspp_modules(model: nn.Module) -> list[nn.Module]:
-    from resaspp_ops.nn import FusedASPP, aspp_rates
+    """The ASPP modules of the model whose rates can be read off (fused, torchvision-style or separable)."""
+    from resaspp_ops.nn.structure import rates_of
 
-    return [m for m in model.modules() if isinstance(m, FusedASPP) or aspp_rates(m) is not None]
-
-
-def _rates_of(module: nn.Module) -> tuple[int, ...]:
-    from resaspp_ops.nn import FusedASPP, aspp_rates
-
-    return module.rates if isinstance(module, FusedASPP) else aspp_rates(module)
+    return [m for m in model.modules() if rates_of(m) is not None]
 
 
 def _finite(value):
@@ -190,7 +186,11 @@ def _finite(value):
 
 def run(args) -> int:
     from resaspp_ops.erf import effective_receptive_field, fit_gaussian_2d, measure_star, render_erf
-    from resaspp_ops.nn import FusedASPP, convert_aspp
+    from resaspp_ops.nn import FusedASPP, FusedDepthwiseSeparableASPP, FusedSeparableASPP, convert_aspp
+
+    from resaspp_ops.nn.structure import rates_of
+
+    FUSED_MODULES = (FusedASPP, FusedSeparableASPP, FusedDepthwiseSeparableASPP)
 
     if args.batch_size <= 0 or (args.random is not None and args.random <= 0):
         raise _Fail("--batch-size and --random must be positive")
@@ -210,12 +210,12 @@ def run(args) -> int:
         model = _build_model(args.model, args.num_classes)
     if args.checkpoint is not None:
         _load_checkpoint(model, args.checkpoint)
-    if not args.no_convert and not any(isinstance(m, FusedASPP) for m in model.modules()):
+    if not args.no_convert and not any(isinstance(m, FUSED_MODULES) for m in model.modules()):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = convert_aspp(model, backend=args.backend)
         if caught:
-            print("note: no ASPP with torchvision's structure to convert; the model runs as it is")
+            print("note: no ASPP with torchvision's or a separable ASPP's structure to convert; the model runs as it is")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval()
 
@@ -237,7 +237,7 @@ def run(args) -> int:
         if handle is not None:
             handle.remove()
 
-    rates = args.rates or (_rates_of(aspps[0]) if aspps else None)
+    rates = args.rates or (rates_of(aspps[0]) if aspps else None)
     stride = args.output_stride
     if stride is None and "shape" in seen:
         stride = max(1, round(h / seen["shape"][0]))

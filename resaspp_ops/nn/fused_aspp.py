@@ -6,20 +6,15 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resaspp_ops import backend as _backend
 from resaspp_ops.export import TORCHSCRIPT_MESSAGE, refuse_torchscript
-from resaspp_ops.nn.inference_cache import (InferenceCache, batchnorm_tensors, cacheable, fold_batchnorm, folds,
-                                            has_hooks)
+from resaspp_ops.nn.inference_cache import InferenceCache, batchnorm_tensors, cacheable, fold_batchnorm, folds, has_hooks
+from resaspp_ops.nn.module_access import children as _children
+from resaspp_ops.nn.pool_and_project import (FoldedHead, check_pool_batch, fold_head, head_tensors, run_folded_head,
+                                             run_head_modules)
 from resaspp_ops.ops import check_rates, multi_rate_conv2d
-
-
-def _memory_format_of(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 class FusedASPP(nn.Module):
@@ -122,12 +117,7 @@ class FusedASPP(nn.Module):
         plan = self._inference_plan(x, branches, project)
         y = multi_rate_conv2d(x, plan.w1x1, plan.w3x3, _rates(branches), plan.scale, plan.shift, relu=True,
                               backend=self.backend)
-        pooled = F.conv2d(F.adaptive_avg_pool2d(x, 1), plan.w_pool, plan.b_pool).relu_()  # [N, Co, 1, 1]
-        # The pooled branch is constant over H x W: through the 1x1 projection it is a per-image bias.
-        bias = F.conv2d(pooled.to(y.dtype), plan.w_project_pooled, plan.b_project)       # [N, Co, 1, 1]
-        out = F.conv2d(y, plan.w_project_branches).add_(bias).relu_()
-        # Hand back x's memory format, as torchvision's ASPP does (the fused op works in channels_last).
-        return out.contiguous(memory_format=_memory_format_of(x))
+        return run_folded_head(x, y, plan.head)
 
     def _forward_modules(self, x: Tensor, branches: list, project: list) -> Tensor:
         """Training (or frozen branch BNs with a training projection, or hooks): the op, then the modules."""
@@ -143,16 +133,8 @@ class FusedASPP(nn.Module):
             # voc-os16's CPU size: 6.5 ms against 1.7 ms for the four branches, forward and backward).
             parts = [_children(b)[2](_children(b)[1](y.contiguous(memory_format=torch.channels_last)))
                      for b, y in zip(branches[:-1], fused.split(self.out_channels, 1))]
-        pooled = branches[-1](x).to(parts[0].dtype)  # [N, Co, 1, 1], constant over H x W
-        # As torchvision: the pooled branch broadcast and concatenated, one projection conv. The broadcast is
-        # laid out channels_last like the branches, so that the concatenation is too: a mixed one comes out
-        # NCHW, and then every branch ReLU's backward reads an NCHW grad against a channels_last result
-        # (a strided path, 5x slower on the CPU).
-        n, _, h, w = x.shape
-        broadcast = pooled.expand(n, pooled.shape[1], h, w).contiguous(memory_format=torch.channels_last)
-        cat = torch.cat(parts + [broadcast], dim=1)
-        projected = project[0](cat).contiguous(memory_format=_memory_format_of(x))
-        return project[3](project[2](project[1](projected)))
+        pooled = branches[-1](x)  # [N, Co, 1, 1], constant over H x W
+        return run_head_modules(x, parts, pooled, project)
 
     def _check_batch(self, x: Tensor, branches: list) -> None:
         if x.dim() != 4:
@@ -160,14 +142,9 @@ class FusedASPP(nn.Module):
         conv1x1 = _children(branches[0])[0]
         if x.shape[1] != conv1x1.in_channels:
             raise ValueError(f"FusedASPP was built for {conv1x1.in_channels} input channels, got {x.shape[1]}")
-        pool_bn = _children(branches[-1])[2]
-        if pool_bn.training and x.shape[0] == 1:
-            index = len(branches) - 1
-            raise ValueError(
-                f"FusedASPP got a batch of 1 in training mode: the image-pooling branch's BatchNorm "
-                f"(convs.{index}.2) sees one value per channel and cannot compute batch statistics. "
-                f"Train with batch size >= 2, or put that BatchNorm in eval mode to use its running "
-                f"statistics (aspp.convs[{index}][2].eval(), or model.eval() for inference).")
+        index = len(branches) - 1
+        check_pool_batch("FusedASPP", x, _children(branches[-1])[2], f"convs.{index}.2",
+                         f"aspp.convs[{index}][2].eval()")
 
     def _branch_weights(self, x: Tensor, branches: list) -> tuple[Tensor, Tensor]:
         """w1x1 [Co, C, 1, 1] and the atrous weights stacked into [B, Co, C, 3, 3].
@@ -210,22 +187,16 @@ class FusedASPP(nn.Module):
         weights = [_children(b)[0].weight for b in branches[1:-1]]
         bns = [_children(b)[1] for b in branches[:-1]]
         pool = _children(branches[-1])
-        pool_conv, pool_bn = pool[1], pool[2]
-        project_conv, project_bn = project[0], project[1]
         layout = "plain" if torch.compiler.is_compiling() else self._weight_layout(x)
-        k = w1x1.shape[0] * len(bns)  # the branches' columns of the projection
 
         def build() -> _InferencePlan:
             w1, w3 = (w1x1, torch.stack(weights)) if layout == "plain" else _laid_out(w1x1, weights, layout)
             scales, shifts = zip(*(fold_batchnorm(bn) for bn in bns))
-            w_pool, b_pool = _fold_into_conv(pool_conv.weight, pool_bn)
-            w_project, b_project = _fold_into_conv(project_conv.weight, project_bn)
-            return _InferencePlan(w1, w3, torch.cat(scales), torch.cat(shifts), w_pool, b_pool,
-                                  w_project[:, :k].contiguous(), w_project[:, k:].contiguous(), b_project)
+            return _InferencePlan(w1, w3, torch.cat(scales), torch.cat(shifts),
+                                  fold_head(pool, project, w1x1.shape[0] * len(bns)))
 
-        folded = bns + [pool_bn, project_bn]
-        inputs = ([w1x1] + weights + [t for bn in folded for t in batchnorm_tensors(bn)]
-                  + [pool_conv.weight, project_conv.weight])
+        folded = bns + [pool[2], project[1]]
+        inputs = [w1x1] + weights + [t for bn in bns for t in batchnorm_tensors(bn)] + head_tensors(pool, project)
         name = f"inference:{layout}:" + ",".join(str(bn.eps) for bn in folded)
         return self._inference_cache.get(name, inputs, build)
 
@@ -233,33 +204,17 @@ class FusedASPP(nn.Module):
 @dataclass(frozen=True)
 class _InferencePlan:
     """The folded forward's weights: the op's inputs, and the pooling branch and projection with their BNs
-    folded (w * scale per output channel, computed in fp32 and held in the weight's dtype, as the bias)."""
+    folded (pool_and_project.FoldedHead)."""
 
     w1x1: Tensor                # [Co, C, 1, 1]
     w3x3: Tensor                # [B, Co, C, 3, 3], laid out for the backend (see _branch_weights)
     scale: Tensor               # [(1+B)*Co] the branch BNs
     shift: Tensor               # [(1+B)*Co]
-    w_pool: Tensor              # [Co, C, 1, 1]
-    b_pool: Tensor              # [Co]
-    w_project_branches: Tensor  # [Co, (1+B)*Co, 1, 1]
-    w_project_pooled: Tensor    # [Co, Co, 1, 1]
-    b_project: Tensor           # [Co]
-
-
-def _children(container: nn.Module) -> list:
-    return list(container._modules.values())
+    head: FoldedHead            # the pooling branch and the projection
 
 
 def _rates(branches: list) -> tuple[int, ...]:
     return tuple(int(_children(b)[0].dilation[0]) for b in branches[1:-1])
-
-
-def _fold_into_conv(weight: Tensor, bn: nn.Module) -> tuple[Tensor, Tensor]:
-    """(weight * scale, shift): bn(conv(x, weight)) == conv(x, weight * scale) + shift for an eval-mode bn,
-    computed in fp32 (fp64) and held in weight's dtype (F.conv2d wants one dtype)."""
-    scale, shift = fold_batchnorm(bn)
-    folded = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(weight.dtype)
-    return folded, shift.to(weight.dtype)
 
 
 def _laid_out(w1x1: Tensor, weights: list, layout: str) -> tuple[Tensor, Tensor]:

@@ -76,6 +76,14 @@ def fold_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]
     return scale, shift
 
 
+def fold_into_conv(weight: Tensor, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """(weight * scale, shift): bn(conv(x, weight)) == conv(x, weight * scale) + shift for an eval-mode bn,
+    computed in fp32 (fp64) and held in weight's dtype (F.conv2d wants one dtype)."""
+    scale, shift = fold_batchnorm(bn)
+    folded = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(weight.dtype)
+    return folded, shift.to(weight.dtype)
+
+
 def folds(bn: nn.Module) -> bool:
     """Whether `bn` normalises with running statistics (eval mode and tracked), so that it can be folded."""
     return not bn.training and bn.running_var is not None
