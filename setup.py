@@ -86,6 +86,12 @@ def _find_cutlass():
     text = (inc / "cutlass" / "version.h").read_text()
     parts = [re.search(rf"#define CUTLASS_{k}\s+(\d+)", text) for k in ("MAJOR", "MINOR", "PATCH")]
     version = ".".join(p.group(1) for p in parts if p) or "unknown"
+    if how == "the nvidia-cutlass wheel":
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+        try:
+            how += f" nvidia-cutlass=={dist_version('nvidia-cutlass')}"
+        except PackageNotFoundError:
+            pass
     return str(inc), version, how
 
 

@@ -81,20 +81,26 @@ at::Tensor aligned16(const at::Tensor& t) {
   return t.clone(at::MemoryFormat::ChannelsLast);
 }
 
-// Whether the tensor-core kernels can read `w` where it lies: C (dimension `c_dim`) innermost, every other
-// stride a whole number of 16 bytes, the data 16-byte aligned.
-bool c_innermost(const at::Tensor& w, int64_t c_dim) {
-  if (w.stride(c_dim) != 1 || reinterpret_cast<uintptr_t>(w.const_data_ptr()) % 16 != 0) return false;
-  for (int64_t d = 0; d < w.dim(); ++d)
-    if (d != c_dim && w.size(d) > 1 && (w.stride(d) * static_cast<int64_t>(w.element_size())) % 16 != 0) return false;
-  return true;
+// Whether the tensor-core kernels read w3x3 [B, Co, C, 3, 3] in place: C innermost, then kx, ky, Co and B
+// with strides growing outwards without overlap (FusedASPP's layout: each branch channels_last), every
+// stride a whole number of 16 bytes and the data 16-byte aligned (what TMA and cp.async need).
+bool w3_in_place(const at::Tensor& w3) {
+  const int64_t e = static_cast<int64_t>(w3.element_size());
+  const int64_t C = w3.size(2), Co = w3.size(1);
+  const int64_t kx = w3.stride(4), ky = w3.stride(3), co = w3.stride(1), b = w3.stride(0);
+  const bool aligned = reinterpret_cast<uintptr_t>(w3.const_data_ptr()) % 16 == 0 && (kx * e) % 16 == 0 &&
+                       (ky * e) % 16 == 0 && (co * e) % 16 == 0 && (w3.size(0) == 1 || (b * e) % 16 == 0);
+  return w3.stride(2) == 1 && aligned && kx >= C && ky >= 3 * kx && co >= 3 * ky && (w3.size(0) == 1 || b >= Co * co);
 }
 
-// w1x1 [Co, C, 1, 1] and w3x3 [B, Co, C, 3, 3] with C innermost: views where they already are (FusedASPP
-// lays its weights out so), else one copy (w3x3: each branch channels_last, [B, Co, 3, 3, C] underneath).
+// w1x1 [Co, C, 1, 1] with C innermost and w3x3 as w3_in_place wants: views where they already are, else
+// one copy (w3x3 into [B, Co, 3, 3, C], each branch channels_last).
 std::pair<at::Tensor, at::Tensor> c_innermost_weights(const at::Tensor& w1x1, const at::Tensor& w3x3) {
-  at::Tensor w1 = c_innermost(w1x1, 1) ? w1x1 : w1x1.contiguous();
-  at::Tensor w3 = c_innermost(w3x3, 2) ? w3x3 : w3x3.permute({0, 1, 3, 4, 2}).contiguous().permute({0, 1, 4, 2, 3});
+  const int64_t e = static_cast<int64_t>(w1x1.element_size());
+  const bool w1_ok = w1x1.stride(1) == 1 && w1x1.stride(0) >= w1x1.size(1) && (w1x1.stride(0) * e) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(w1x1.const_data_ptr()) % 16 == 0;
+  at::Tensor w1 = w1_ok ? w1x1 : w1x1.contiguous();
+  at::Tensor w3 = w3_in_place(w3x3) ? w3x3 : w3x3.permute({0, 1, 3, 4, 2}).contiguous().permute({0, 1, 4, 2, 3});
   return {w1, w3};
 }
 

@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kThreads) multi_tap_mma_kernel(
     const bool relu,
     const int* __restrict__ jobs,     // [J, 4]: (image, tile, branch, taps) or (image, tile, c block, taps)
     const int* __restrict__ masks,    // dgrad: [tiles, 1+B] mirrored live-tap masks
-    const JobGeometry g, const int64_t in_cstride, const int64_t out_cstride) {
+    const __grid_constant__ JobGeometry g, const int64_t in_cstride, const int64_t out_cstride) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int kCK = chunk_elems<T>();   // K elements a stage
   constexpr int kVec = vec_elems<T>();

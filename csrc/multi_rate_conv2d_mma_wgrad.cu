@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kThreads) wgrad_mma_kernel(
     const T* __restrict__ grad,  // [N, H, W, g_cstride = (1+B) Co] NHWC
     const T* __restrict__ x,     // [N, H, W, C] NHWC
     float* __restrict__ dw,      // [T, Co, C]
-    const JobGeometry g, const int64_t g_cstride) {
+    const __grid_constant__ JobGeometry g, const int64_t g_cstride) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int kE = static_cast<int>(sizeof(T));
   constexpr int kVec = vec_elems<T>();

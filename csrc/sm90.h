@@ -59,7 +59,7 @@ void wgrad(const at::Tensor& grad, const at::Tensor& x, at::Tensor& grad_w1, at:
 CUtensorMap x_map(const at::Tensor& x, const Geometry& g);       // [C, W, H, N]
 CUtensorMap grad_map(const at::Tensor& grad, const Geometry& g);  // [Co, 1+B, W, H, N]
 CUtensorMap w1_map(const at::Tensor& w1, int box_co);             // [C, Co]
-CUtensorMap w3_map(const at::Tensor& w3, int box_co);             // [C, Co, 3, 3, B]
+CUtensorMap w3_map(const at::Tensor& w3, int box_co);             // [C, 3 (kx), 3 (ky), Co, B]
 
 // For tests: the (m, n) of each fp32 accumulator value of each consumer thread, int32 [256, values, 2]
 // (the per-kernel lists are defined next to each kernel's Op).

@@ -27,7 +27,7 @@ struct DgradOp {
   struct Params {
     CUtensorMap grad;        // [Co, 1+B, W, H, N], box (64, 1, tile_w, tile_h, stack)
     CUtensorMap w1;          // [C, Co], box (64, 64)
-    CUtensorMap w3;          // [C, Co, 3, 3, B], box (64, 64, 1, 1, 1)
+    CUtensorMap w3;          // [C, 3, 3, Co, B], box (64, 1, 1, 64, 1)
     Geometry g;
     const int* jobs;         // [J, 4] (image, tile, c_block, live taps)
     const int* queues;       // [G + 1 + J]

@@ -27,7 +27,7 @@ struct ForwardOp {
   struct Params {
     CUtensorMap x;           // [C, W, H, N], box (64, tile_w, tile_h, stack)
     CUtensorMap w1;          // [C, Co], box (64, 256)
-    CUtensorMap w3;          // [C, Co, 3, 3, B], box (64, 256, 1, 1, 1)
+    CUtensorMap w3;          // [C, 3, 3, Co, B], box (64, 1, 1, 256, 1)
     Geometry g;
     const int* jobs;         // [J, 4] (image, tile, branch, taps)
     const int* queues;       // [G + 1 + J]

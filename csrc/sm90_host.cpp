@@ -95,9 +95,9 @@ CUtensorMap w1_map(const at::Tensor& w1, int box_co) {
 
 CUtensorMap w3_map(const at::Tensor& w3, int box_co) {
   TORCH_CHECK(w3.dim() == 5 && w3.stride(2) == 1, "resaspp_ops._C: w3x3 must have C innermost");
-  const int64_t dims[5] = {w3.size(2), w3.size(1), 3, 3, w3.size(0)};
-  const int64_t strides[5] = {1, w3.stride(1), w3.stride(4), w3.stride(3), w3.stride(0)};
-  const int box[5] = {kBlockK, box_co, 1, 1, 1};
+  const int64_t dims[5] = {w3.size(2), 3, 3, w3.size(1), w3.size(0)};
+  const int64_t strides[5] = {1, w3.stride(4), w3.stride(3), w3.stride(1), w3.stride(0)};
+  const int box[5] = {kBlockK, 1, 1, box_co, 1};
   return make_tensor_map(w3.const_data_ptr(), is_bf16(w3), 5, dims, strides, box);
 }
 

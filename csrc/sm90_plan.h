@@ -4,7 +4,8 @@
 // resaspp_ops/backend/sm90_plan.py, whose NumPy emulation reproduces F.conv2d). Free of CuTe and torch.
 //
 // Tensor maps, dimensions innermost first (see sm90_plan.py):
-//   x [C, W, H, N], grad [Co, 1+B, W, H, N], w1 [C, Co], w3 [C, Co, 3 (kx), 3 (ky), B].
+//   x [C, W, H, N], grad [Co, 1+B, W, H, N], w1 [C, Co], w3 [C, 3 (kx), 3 (ky), Co, B]
+// (strides growing outwards, as TMA expects: w3 is each branch channels_last, [B, Co, 3, 3, C] in memory).
 #pragma once
 
 #include "job_geometry.h"
@@ -45,7 +46,8 @@ RESASPP_HD int next_tap(int mask, int from) {
 }
 
 // Forward job (image, tile, branch, taps): for each live tap (ascending bit), for each 64-channel chunk
-// of C: A = x box at (c, w0 + dx, h0 + dy, image); B = that tap's weights at (c, 0[, kx, ky, branch - 1]).
+// of C: A = x box at (c, w0 + dx, h0 + dy, image); B = that tap's weights at (c, 0) (w1) or
+// (c, kx, ky, 0, branch - 1) (w3).
 struct ForwardWalk {
   int image, branch, mask, h0, w0, rate, tap, kc, k_chunks;
   RESASPP_HD ForwardWalk(const Geometry& g, const int* job)
@@ -65,14 +67,15 @@ struct ForwardWalk {
     const int ky = tap / 3, kx = tap % 3;
     const int c = kc * kBlockK;
     Step s{{c, w0 + (kx - 1) * rate, h0 + (ky - 1) * rate, image, 0}, branch == 0 ? kMapW1 : kMapW3,
-           {c, 0, branch == 0 ? 0 : kx, branch == 0 ? 0 : ky, branch == 0 ? 0 : branch - 1}};
+           {c, branch == 0 ? 0 : kx, branch == 0 ? 0 : ky, 0, branch == 0 ? 0 : branch - 1}};
     return s;
   }
 };
 
 // Dgrad job (image, tile, c_block, live taps): for each branch, each of its live dgrad taps (`masks`,
 // mirrored), each 64-channel chunk of Co: A = grad box at (co, branch, w0 - dx, h0 - dy, image);
-// B = the tap's weights at (256 c_block, co[, kx, ky, branch - 1]), loaded as four 64 x 64 boxes.
+// B = the tap's weights at (256 c_block, co) (w1) or (256 c_block, kx, ky, co, branch - 1) (w3), loaded as
+// four 64 x 64 boxes.
 struct DgradWalk {
   const int* masks;  // [num_branches] of this tile
   int image, cblock, h0, w0, branch, num_branches, mask, tap, kc, k_chunks;
@@ -103,8 +106,9 @@ struct DgradWalk {
   RESASPP_HD Step step() const {
     const int ky = tap / 3, kx = tap % 3, rate = rates[branch];
     const int co = kc * kBlockK;
+    const int c = cblock * kBlockN;
     Step s{{co, branch, w0 - (kx - 1) * rate, h0 - (ky - 1) * rate, image}, branch == 0 ? kMapW1 : kMapW3,
-           {cblock * kBlockN, co, branch == 0 ? 0 : kx, branch == 0 ? 0 : ky, branch == 0 ? 0 : branch - 1}};
+           {c, branch == 0 ? co : kx, branch == 0 ? 0 : ky, branch == 0 ? 0 : co, branch == 0 ? 0 : branch - 1}};
     return s;
   }
 };

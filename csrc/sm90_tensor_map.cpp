@@ -36,7 +36,11 @@ CUtensorMap make_tensor_map(const void* base, bool bf16, int rank, const int64_t
   TORCH_CHECK(strides[0] == 1 && box[0] * 2 == 128, "resaspp_ops._C: TMA rows must be 64 contiguous elements");
   cuuint64_t gdim[5], gstride[4];
   cuuint32_t gbox[5], estride[5];
+  int64_t stride[5];
   for (int d = 0; d < rank; ++d) {
+    // A dimension of extent 1 is never stepped along: its stride (PyTorch's may be anything) is set to the
+    // one a dense tensor would have, so that it passes the checks.
+    stride[d] = d == 0 ? 1 : dims[d] == 1 ? stride[d - 1] * dims[d - 1] : strides[d];
     TORCH_CHECK(dims[d] >= 1 && dims[d] <= (int64_t{1} << 32), "resaspp_ops._C: TMA dimension ", d, " of ",
                 dims[d], " elements");
     TORCH_CHECK(box[d] >= 1 && box[d] <= 256, "resaspp_ops._C: TMA box extent ", box[d]);
@@ -44,9 +48,9 @@ CUtensorMap make_tensor_map(const void* base, bool bf16, int rank, const int64_t
     gbox[d] = static_cast<cuuint32_t>(box[d]);
     estride[d] = 1;
     if (d > 0) {
-      const int64_t bytes = strides[d] * 2;
+      const int64_t bytes = stride[d] * 2;
       TORCH_CHECK(bytes % 16 == 0 && bytes > 0 && bytes < (int64_t{1} << 40),
-                  "resaspp_ops._C: TMA stride of ", strides[d], " elements in dimension ", d);
+                  "resaspp_ops._C: TMA stride of ", stride[d], " elements in dimension ", d);
       gstride[d - 1] = static_cast<cuuint64_t>(bytes);
     }
   }

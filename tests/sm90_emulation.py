@@ -55,18 +55,30 @@ def _programs(p: P.Sm90Plan):
             yield int(order[q])
 
 
+def _w3_tma(w3):
+    """w3 [B, 3 (ky), 3 (kx), Co, C] in the w3 map's dimension order, outermost first: [B, Co, ky, kx, C]."""
+    return np.ascontiguousarray(w3.transpose(0, 3, 1, 2, 4))
+
+
+def _weight_box(p: P.Sm90Plan, w1, w3t, bmap, origin):
+    if bmap == P.MAP_W1:
+        return tma_box(w1, origin, p.box_w1())
+    return tma_box(w3t, origin, p.box_w3())
+
+
 def forward(p: P.Sm90Plan, x, w1, w3):
     """x [N, H, W, C], w1 [Co, C], w3 [B, 3, 3, Co, C] -> (out [N, H, W, (1+B) Co], write counts)."""
     co = p.co
     out = np.full((p.n, p.h, p.w, p.num_branches * co), np.nan)
     count = np.zeros(out.shape, dtype=np.int64)
+    w3t = _w3_tma(w3)
     for j in _programs(p):
         image, tile, branch, _ = (int(v) for v in p.jobs[j])
         acc = np.zeros((P.BLOCK_M, P.BLOCK_N))
         steps = 0
         for a, bmap, b in p.steps(j):
             rows = tma_box(x, a, p.box_x()).reshape(-1, P.BLOCK_K)
-            wt = tma_box(w1 if bmap == P.MAP_W1 else w3, b, p.box_w() + (1, 1, 1)).reshape(P.BLOCK_N, P.BLOCK_K)
+            wt = _weight_box(p, w1, w3t, bmap, b).reshape(P.BLOCK_N, P.BLOCK_K)
             acc += _rows(p, rows, P.BLOCK_M) @ wt.T
             steps += 1
         assert steps == p.job_steps(j)
@@ -82,15 +94,15 @@ def dgrad(p: P.Sm90Plan, grad, w1, w3):
     """grad [N, H, W, 1+B, Co], w1 [Co, C], w3 [B, 3, 3, Co, C] -> (grad_x [N, H, W, C], write counts)."""
     out = np.full((p.n, p.h, p.w, p.c), np.nan)
     count = np.zeros(out.shape, dtype=np.int64)
+    w3t = _w3_tma(w3)
     for j in _programs(p):
         image, tile, cblock, _ = (int(v) for v in p.jobs[j])
         acc = np.zeros((P.BLOCK_M, P.BLOCK_N))
         steps = 0
         for a, bmap, b in p.steps(j):
             rows = tma_box(grad, a, p.box_grad()).reshape(-1, P.BLOCK_K)
-            src = w1 if bmap == P.MAP_W1 else w3
             # B [K = 64 co, N = 256 c]: four 64 x 64 boxes at c + 64 i, c innermost (MN-major).
-            wt = np.concatenate([tma_box(src, (b[0] + i * P.BLOCK_K,) + tuple(b[1:]), p.box_w() + (1, 1, 1))
+            wt = np.concatenate([_weight_box(p, w1, w3t, bmap, (b[0] + i * P.BLOCK_K,) + tuple(b[1:]))
                                  .reshape(P.BLOCK_K, P.BLOCK_K) for i in range(P.BLOCK_N // P.BLOCK_K)], axis=1)
             acc += _rows(p, rows, P.BLOCK_M) @ wt
             steps += 1

@@ -140,7 +140,7 @@ def test_boxes_fit_tma_and_the_stage(kind):
     its 48 KiB slot (A 16 KiB, B 32 KiB)."""
     for n, h, w in [(8, 33, 33), (2, 97, 97), (4, 8, 8), (1, 1, 1), (3, 3, 150), (2, 64, 128)]:
         p = P.plan(kind, n, 64, 256, h, w, (6, 12, 18), 132)
-        for box in (p.box_x(), p.box_grad(), p.box_w()):
+        for box in (p.box_x(), p.box_grad(), p.box_w1(), p.box_w3()):
             assert all(1 <= e <= 256 for e in box) and box[0] * 2 == 128
         rows = P.WGRAD_PIX if kind == "wgrad" else P.BLOCK_M
         assert p.pixel_rows <= rows

@@ -12,7 +12,8 @@ Tensor maps (dimensions innermost first, as TMA counts them):
     x     [C, W, H, N]            box (64, tile_w, tile_h, stack)        forward A, wgrad B (4 boxes at c + 64 j)
     grad  [Co, 1 + B, W, H, N]    box (64, 1, tile_w, tile_h, stack)     dgrad A, wgrad A (2 boxes at co + 64 i)
     w1    [C, Co]                 forward box (64, 256); dgrad box (64, 64), 4 boxes at c + 64 j
-    w3    [C, Co, 3 (kx), 3 (ky), B]  the same boxes, (1, 1, 1) in the last three dimensions
+    w3    [C, 3 (kx), 3 (ky), Co, B]  box (64, 1, 1, 256 or 64, 1): each branch channels_last
+                                  ([B, Co, 3, 3, C] in memory), so the strides grow outwards as TMA expects
 
 A step is (a, b_map, b): the A box origin (5 ints), which map B comes from (MAP_W1, MAP_W3, MAP_X) and
 its origin; unused trailing coordinates are 0.
@@ -98,9 +99,13 @@ class Sm90Plan:
     def box_grad(self) -> tuple:
         return (BLOCK_K, 1, self.tiles.tile_w, self.tiles.tile_h, self.tiles.stack)
 
-    def box_w(self) -> tuple:
-        """The weight box (C, Co extents): all BLOCK_N output channels for the forward, 64 x 64 for dgrad."""
+    def box_w1(self) -> tuple:
+        """The w1 box (C, Co extents): all BLOCK_N output channels for the forward, 64 x 64 for dgrad."""
         return (BLOCK_K, BLOCK_N) if self.kind == "forward" else (BLOCK_K, BLOCK_K)
+
+    def box_w3(self) -> tuple:
+        """The w3 box (C, kx, ky, Co, branch extents)."""
+        return (BLOCK_K, 1, 1, self.box_w1()[1], 1)
 
     def stage_bytes(self) -> int:
         """Bytes TMA writes per stage (the mbarrier's transaction count; zero-filled bytes count too)."""
@@ -139,7 +144,7 @@ class Sm90Plan:
                     if branch == 0:
                         yield a, MAP_W1, (kc * BLOCK_K, 0, 0, 0, 0)
                     else:
-                        yield a, MAP_W3, (kc * BLOCK_K, 0, kx, ky, branch - 1)
+                        yield a, MAP_W3, (kc * BLOCK_K, kx, ky, 0, branch - 1)
         elif self.kind == "dgrad":
             image, tile, cblock, _ = row
             h0, w0 = _origin(self.tiles, tile)
@@ -153,7 +158,7 @@ class Sm90Plan:
                         if branch == 0:
                             yield a, MAP_W1, (cblock * BLOCK_N, kc * BLOCK_K, 0, 0, 0)
                         else:
-                            yield a, MAP_W3, (cblock * BLOCK_N, kc * BLOCK_K, kx, ky, branch - 1)
+                            yield a, MAP_W3, (cblock * BLOCK_N, kx, ky, kc * BLOCK_K, branch - 1)
         else:
             t, coblock, cblock, _ = row
             branch, tap = (0, J.CENTRE_TAP) if t == 0 else (1 + (t - 1) // 9, (t - 1) % 9)
