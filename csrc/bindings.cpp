@@ -2,6 +2,7 @@
 // the choice of kernel and the plans in resaspp_ops/backend/cuda.py; this module exposes the kernels.
 #include <torch/extension.h>
 
+#include "mma_fragments.h"
 #include "multi_rate_conv2d.h"
 #if RESASPP_WITH_SM90
 #include "sm90.h"
@@ -20,6 +21,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("need_w"), py::arg("kernel"), py::arg("dgrad_tables"), py::arg("dgrad_tile"),
         py::arg("wgrad_tables"), py::arg("wgrad_tile"));
   m.attr("max_branches") = resaspp::kMaxBranches;
+  m.def(
+      "mma_fragment_offsets",
+      [](const std::string& operand, bool mn_major, bool tf32, int tile, int k, int ld, int elem) {
+        TORCH_CHECK(operand == "a" || operand == "b", "operand must be a or b");
+        const bool ldsm = !(mn_major && tf32);
+        std::vector<int> out;
+        for (int lane = 0; lane < 32; ++lane)
+          for (int q = 0; q < 4; ++q) {
+            if (ldsm)
+              out.push_back(q > 0 ? -1
+                            : operand == "a" ? resaspp::mma::a_ldsm_offset(mn_major, lane, tile, k, ld, elem)
+                                             : resaspp::mma::b_ldsm_offset(mn_major, lane, tile, k, ld, elem));
+            else
+              out.push_back(operand == "a" ? resaspp::mma::a_lds_offset(lane, tile, q, k, ld)
+                                           : resaspp::mma::b_lds_offset(lane, tile, q, k, ld));
+          }
+        return torch::tensor(out, torch::kInt).view({32, 4});
+      },
+      "For tests: per lane, the ldmatrix.x4 row address it hands over (column 0; the rest -1), or for TF32 "
+      "MN-major operands the address of each of its 4 registers, in bytes from the warp tile's origin "
+      "(csrc/mma_fragments.h)",
+      py::arg("operand"), py::arg("mn_major"), py::arg("tf32"), py::arg("tile"), py::arg("k"), py::arg("ld"),
+      py::arg("elem"));
 #if RESASPP_WITH_SM90
   namespace sm90 = resaspp::sm90;
   m.attr("sm90_built") = true;

@@ -10,6 +10,8 @@
 // included by several .cu files.
 #pragma once
 
+#include "mma_fragments.h"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -91,37 +93,32 @@ __device__ __forceinline__ void warp_tile_step(float (&acc)[4][8][4], const unsi
                                                const unsigned char* b, int ldb, int k, int lane) {
   constexpr bool kTf32 = sizeof(T) == 4;
   constexpr int kE = static_cast<int>(sizeof(T));
-  const int g = lane / 4, t = lane % 4;
   uint32_t af[4][4], bf[8][2];
-  // Lane l addresses row l % 8 of 8 x 16-byte matrix l / 8 (ldmatrix.x4).
-  const int lr = lane % 8, lm = lane / 8;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    if (!kATrans) {  // matrices: rows 0-7 / 8-15 x K bytes 0-15 / 16-31
-      ldsm_x4(af[i], a + (16 * i + lr + 8 * (lm % 2)) * lda + k * kE + 16 * (lm / 2));
-    } else if (!kTf32) {  // rows = K: matrices K 0-7 / 8-15 x M 0-7 / 8-15, a0 (M 0-7, K 0-7), a1 (M 8-15)...
-      ldsm_x4_trans(af[i], a + (k + lr + 8 * (lm / 2)) * lda + (16 * i + 8 * (lm % 2)) * kE);
+    if (!kATrans || !kTf32) {
+      const unsigned char* row = a + a_ldsm_offset(kATrans, lane, i, k, lda, kE);
+      if (kATrans)
+        ldsm_x4_trans(af[i], row);
+      else
+        ldsm_x4(af[i], row);
     } else {
-      const unsigned char* col = a + (16 * i + g) * kE;
-      af[i][0] = *reinterpret_cast<const uint32_t*>(col + (k + t) * lda);
-      af[i][1] = *reinterpret_cast<const uint32_t*>(col + (k + t) * lda + 8 * kE);
-      af[i][2] = *reinterpret_cast<const uint32_t*>(col + (k + t + 4) * lda);
-      af[i][3] = *reinterpret_cast<const uint32_t*>(col + (k + t + 4) * lda + 8 * kE);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) af[i][q] = *reinterpret_cast<const uint32_t*>(a + a_lds_offset(lane, i, q, k, lda));
     }
   }
 #pragma unroll
   for (int j = 0; j < 8; j += 2) {
     uint32_t r[4];
-    if (!kBTrans) {  // rows = N: matrices N 0-7 x K 0-15 (b0, b1 of tile j), N 8-15 (tile j + 1)
-      ldsm_x4(r, b + (8 * j + lr + 8 * (lm / 2)) * ldb + k * kE + 16 * (lm % 2));
-    } else if (!kTf32) {  // rows = K: matrices K 0-7 / 8-15 x N 0-7 / 8-15
-      ldsm_x4_trans(r, b + (k + lr + 8 * (lm % 2)) * ldb + (8 * j + 8 * (lm / 2)) * kE);
+    if (!kBTrans || !kTf32) {
+      const unsigned char* row = b + b_ldsm_offset(kBTrans, lane, j, k, ldb, kE);
+      if (kBTrans)
+        ldsm_x4_trans(r, row);
+      else
+        ldsm_x4(r, row);
     } else {
-      const unsigned char* col = b + (8 * j + g) * kE;
-      r[0] = *reinterpret_cast<const uint32_t*>(col + (k + t) * ldb);
-      r[1] = *reinterpret_cast<const uint32_t*>(col + (k + t + 4) * ldb);
-      r[2] = *reinterpret_cast<const uint32_t*>(col + (k + t) * ldb + 8 * kE);
-      r[3] = *reinterpret_cast<const uint32_t*>(col + (k + t + 4) * ldb + 8 * kE);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) r[q] = *reinterpret_cast<const uint32_t*>(b + b_lds_offset(lane, j, q, k, ldb));
     }
     bf[j][0] = r[0];
     bf[j][1] = r[1];

@@ -21,7 +21,8 @@ LaunchPlan make_plan(Kind kind, const at::Tensor& jobs, const at::Tensor& queues
                 "contiguous int32");
   TORCH_CHECK(jobs.dim() == 2 && jobs.size(1) == 4, "resaspp_ops._C: jobs must be [J, 4]");
   TORCH_CHECK(static_cast<int64_t>(rates.size()) <= kMaxBranches, "resaspp_ops._C: too many branches");
-  TORCH_CHECK(H < kMaxRate && W < kMaxRate && N < (int64_t{1} << 31) && C < (int64_t{1} << 31) &&
+  // The wgrad epilogue steps along C at 32-bit offsets of 9 elements (w3x3's C stride).
+  TORCH_CHECK(H < kMaxRate && W < kMaxRate && N < (int64_t{1} << 31) && 9 * C < (int64_t{1} << 31) &&
                   Co < (int64_t{1} << 31),
               "resaspp_ops._C: problem too large for the sm90 kernels");
   TORCH_CHECK(tile_h >= 1 && tile_w >= 1 && stack >= 1 &&

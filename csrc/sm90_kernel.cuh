@@ -179,12 +179,14 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_kernel(const __grid_co
       warpgroup_fence_operand(acc);
       for (int k = 0; k < steps; ++k) {
         pipeline.consumer_wait(read);
+        warpgroup_fence_operand(acc);
         warpgroup_arrive();
         CUTE_UNROLL
         for (int kb = 0; kb < size<2>(tCrA); ++kb)
           cute::gemm(mma, tCrA(_, _, kb, read.index()), tCrB(_, _, kb, read.index()), acc);
         warpgroup_commit_batch();
         warpgroup_wait<1>();  // the step before is done: its stage goes back to the producer
+        warpgroup_fence_operand(acc);
         if (k > 0) {
           pipeline.consumer_release(release);
           ++release;

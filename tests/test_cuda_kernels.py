@@ -239,6 +239,68 @@ def test_sm90_smem_map_matches_the_tma_boxes(kind):
         assert np.array_equal(got, want), f"{kind} {'AB'[operand]}: layout differs from the TMA boxes"
 
 
+def _ldmatrix_x4(rows, trans):
+    """What ldmatrix.x4.b16 hands each lane, from the 32 row addresses the lanes provide (matrix q's row r
+    from lane 8q + r): [lane][register] = byte addresses of the register's low and high 16-bit halves."""
+    out = []
+    for lane in range(32):
+        regs = []
+        for q in range(4):
+            m = rows[8 * q:8 * q + 8]
+            if trans:  # the 8 x 8 matrix transposed: elements (2 (lane % 4) [+1], lane / 4)
+                regs.append((m[2 * (lane % 4)] + 2 * (lane // 4), m[2 * (lane % 4) + 1] + 2 * (lane // 4)))
+            else:      # row lane / 4, elements 2 (lane % 4), + 1
+                regs.append((m[lane // 4] + 4 * (lane % 4), m[lane // 4] + 4 * (lane % 4) + 2))
+        out.append(regs)
+    return out
+
+
+def _fragment_element(operand, tf32, lane, q, half):
+    """The PTX ISA's fragment layouts: (row, column) of the operand (A: (m, k), B: (k, n)) that register q of
+    `lane` holds (its 16-bit half `half`); for B, q counts b0, b1 of one n8 tile, then of the next."""
+    g, t = lane // 4, lane % 4
+    if operand == "a":
+        return (g + 8 * (q % 2), (t + 4 * (q // 2)) if tf32 else (2 * t + 8 * (q // 2) + half))
+    k = (t + 4 * (q % 2)) if tf32 else (2 * t + 8 * (q % 2) + half)
+    return (k, g + 8 * (q // 2))
+
+
+@pytest.mark.parametrize("operand", ["a", "b"])
+@pytest.mark.parametrize("mn_major", [False, True], ids=["k-major", "mn-major"])
+@pytest.mark.parametrize("tf32", [False, True], ids=["16-bit", "tf32"])
+def test_mma_fragment_addresses_match_the_ptx_layouts(operand, mn_major, tf32):
+    """The addresses the mma kernels load their mma.sync fragments from (csrc/mma_fragments.h, the code
+    they run), through ldmatrix's documented behaviour or as 32-bit loads, give every lane exactly the
+    elements the PTX ISA's m16n8k16 / m16n8k8 fragment layouts assign it."""
+    if _built_extension() is None:
+        pytest.skip("resaspp_ops._C is not built")
+    _C = cuda_backend.extension()
+    elem = 4 if tf32 else 2
+    ld = (128 * elem + 16) if mn_major else 80
+    tile, k = (1, 8 if tf32 else 16) if operand == "a" else (2, 8 if tf32 else 16)
+    offsets = _C.mma_fragment_offsets(operand, mn_major, tf32, tile, k, ld, elem).tolist()
+    if mn_major and tf32:
+        regs = [[(offsets[lane][q], offsets[lane][q] + 2) for q in range(4)] for lane in range(32)]
+    else:
+        regs = _ldmatrix_x4([offsets[lane][0] for lane in range(32)], trans=mn_major)
+    origin = (16 if operand == "a" else 8) * tile  # the tile's first row of M (A) or column of N (B)
+    for lane in range(32):
+        for q in range(4):
+            for half, addr in enumerate(regs[lane][q][: 1 if tf32 else 2]):
+                major, minor = addr // ld, (addr % ld) // elem
+                assert (addr % ld) % elem == 0
+                if operand == "a":
+                    m, kk = (minor, major) if mn_major else (major, minor)
+                    got = (m - origin, kk - k)
+                else:
+                    n, kk = (minor, major) if mn_major else (major, minor)
+                    got = (kk - k, n - origin)
+                want = _fragment_element(operand, tf32, lane, q, half)
+                assert got == want, f"lane {lane} register {q} half {half}: {got} != {want}"
+            if tf32 and not mn_major:
+                assert regs[lane][q][1] == regs[lane][q][0] + 2  # one fp32 element per register
+
+
 # ----------------------------------------------------------------------------------------------
 # On a GPU
 # ----------------------------------------------------------------------------------------------

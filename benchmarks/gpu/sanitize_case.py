@@ -3,36 +3,65 @@
     compute-sanitizer --tool memcheck  python benchmarks/gpu/sanitize_case.py [BACKEND ...]
     compute-sanitizer --tool racecheck python benchmarks/gpu/sanitize_case.py [BACKEND ...]
 
-BACKEND: cuda and/or triton (default: both). One backend a run keeps a report on one from
-being mistaken for the other (racecheck may not model Triton's asynchronous copies and warpgroup MMAs).
-Exits non-zero if the cuda backend cannot run here or a backend name is unknown.
+BACKEND: cuda (every kernel family of the cuda backend in turn: sm90, mma, simt), cuda:sm90, cuda:mma,
+cuda:simt, and/or triton (default: cuda and triton). One backend a run keeps a report on one from being
+mistaken for the other (racecheck may not model Triton's asynchronous copies and warpgroup MMAs).
+A cuda family that cannot run a case here (no sm_90 GPU, a dtype it does not take) is reported as
+skipped with the reason. Exits non-zero if the cuda backend cannot run here, if a family named
+explicitly runs nothing, or if a name is unknown.
 """
+import os
 import sys
 
 import torch
 
 import resaspp_ops
 from resaspp_ops import backend as backend_registry
+from resaspp_ops.backend import cuda as cuda_backend
 
 # Odd sizes on purpose: partial tiles, channel counts off the block sizes, rates past the map. The first two
-# take the cuda backend's tensor-core kernels in fp16/bf16 (C and Co multiples of 8), the third its SIMT ones.
-PROBLEMS = [(2, 24, 16, 11, 13, (1, 3, 17)), (1, 64, 32, 9, 9, (2, 4, 6, 8)), (1, 13, 6, 7, 10, (1, 5))]
+# take the tensor-core kernels in fp16/bf16 (C and Co multiples of 8; the second stacks two images a tile
+# for the sm90 ones), the third only the SIMT ones.
+PROBLEMS = [(2, 24, 16, 11, 13, (1, 3, 17)), (2, 64, 32, 5, 9, (2, 4, 6, 8)), (1, 13, 6, 7, 10, (1, 5))]
+FAMILIES = ("sm90", "mma", "simt")
+
+
+def _runs(names):
+    for name in names:
+        if name == "cuda":
+            yield from ((name, f) for f in FAMILIES)
+        elif name.startswith("cuda:"):
+            yield "cuda", name.split(":", 1)[1]
+        else:
+            yield name, None
 
 
 def main(argv) -> int:
     names = argv or ["cuda", "triton"]
-    if any(n not in ("cuda", "triton") for n in names):
-        print(f"unknown backend in {names}; choose cuda and/or triton", file=sys.stderr)
+    known = {"cuda", "triton"} | {f"cuda:{f}" for f in FAMILIES}
+    if any(n not in known for n in names):
+        print(f"unknown backend in {names}; choose from {', '.join(sorted(known))}", file=sys.stderr)
         return 2
     device = torch.device("cuda")
     failures = 0
-    for name in names:
+    for name, family in _runs(names):
+        if family is not None:
+            os.environ["RESASPP_CUDA_KERNEL"] = family
+        ran = 0
+        label = name if family is None else f"{name}:{family}"
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            if not backend_registry.status(name, device, dtype).available:
-                print(f"skip {name} {dtype}: {backend_registry.status(name, device, dtype).reason}")
+            status = backend_registry.status(name, device, dtype)
+            if not status.available:
+                print(f"skip {label} {dtype}: {status.reason}")
                 failures += name == "cuda"
                 continue
             for n, c, co, h, w, rates in PROBLEMS:
+                if family is not None:
+                    try:
+                        cuda_backend.kernel_choice(device, dtype, c, co)
+                    except RuntimeError as exc:
+                        print(f"skip {label} {dtype} {(n, c, co, h, w, rates)}: {exc}")
+                        continue
                 x = torch.randn(n, c, h, w, device=device, dtype=dtype, requires_grad=True)
                 w1 = torch.randn(co, c, 1, 1, device=device, dtype=dtype, requires_grad=True)
                 w3 = torch.randn(len(rates), co, c, 3, 3, device=device, dtype=dtype, requires_grad=True)
@@ -41,7 +70,13 @@ def main(argv) -> int:
                 y = resaspp_ops.multi_rate_conv2d(x, w1, w3, rates, scale, shift, relu=True, backend=name)
                 y.float().square().sum().backward()
                 torch.cuda.synchronize()
-                print(f"ok {name} {dtype} {(n, c, co, h, w, rates)}")
+                print(f"ok {label} {dtype} {(n, c, co, h, w, rates)}")
+                ran += 1
+        if family is not None:
+            os.environ.pop("RESASPP_CUDA_KERNEL", None)
+            if ran == 0 and any(n == label for n in names):
+                print(f"{label}: named explicitly but ran nothing here", file=sys.stderr)
+                failures += 1
     return 1 if failures else 0
 
 
