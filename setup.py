@@ -1,15 +1,20 @@
 """Build script: the Python package, plus the CUDA extension `resaspp_ops._C` whenever nvcc is found.
 
 Environment (all optional):
-  TORCH_CUDA_ARCH_LIST     archs to build, honoured as given ("9.0", "8.0;9.0+PTX", ...).
-                           Unset and no GPU visible: "8.0;9.0+PTX".
+  TORCH_CUDA_ARCH_LIST     archs to build ("9.0", "8.0;9.0+PTX", ...). 9.0 is built as 9.0a (sm_90a:
+                           the warpgroup-MMA kernels need it; the rest runs there as on sm_90), 9.0+PTX
+                           as 9.0a plus compute_90 PTX. Unset: the visible GPUs', or "8.0;9.0+PTX".
+  RESASPP_CUTLASS_DIR      CUTLASS's include directory (holding cute/ and cutlass/) for the sm_90a
+                           kernels. Unset: the nvidia-cutlass wheel's (pyproject.toml pins it).
   CUDA_HOME                the CUDA toolkit. Unset: found from the nvcc on PATH (nvcc --dryrun
                            prints the real toolkit, which also works when nvcc is a wrapper script).
   MAX_JOBS                 parallel nvcc jobs. Unset: picked from cores and memory.
   RESASPP_SKIP_CUDA_BUILD=1  pure-Python install (no _C).
-  RESASPP_FORCE_CUDA=1       fail if the extension cannot be built (no nvcc).
+  RESASPP_FORCE_CUDA=1       fail if the extension cannot be built (no nvcc), or if the arch list names 9.0
+                             and no CUTLASS headers are found (else _C is built without the sm_90a kernels).
   RESASPP_PTXAS_VERBOSE=1    pass -Xptxas -v to nvcc (registers, spills).
 """
+import importlib.util
 import os
 import re
 import shutil
@@ -22,6 +27,8 @@ from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+CUTLASS_PIN = "4.2.0.0"  # the nvidia-cutlass wheel the sm_90a kernels were written against (pyproject.toml)
+SM90_SOURCES = "sm90_"   # csrc files of the sm_90a kernels (built only with CUTLASS and 9.0 in the arch list)
 
 
 def _flag(name):
@@ -60,6 +67,50 @@ def _find_cuda_home():
     return home, f"nvcc --dryrun ({nvcc})"
 
 
+def _find_cutlass():
+    """(include dir, version, how found), or (None, None, why not)."""
+    if os.environ.get("RESASPP_CUTLASS_DIR"):
+        root = Path(os.environ["RESASPP_CUTLASS_DIR"])
+        inc, how = (root if (root / "cute").is_dir() else root / "include"), "RESASPP_CUTLASS_DIR"
+    else:
+        spec = importlib.util.find_spec("cutlass_library")
+        if spec is None or not spec.submodule_search_locations:
+            return None, None, (f"no CUTLASS headers: pip install nvidia-cutlass=={CUTLASS_PIN}, or set "
+                                "RESASPP_CUTLASS_DIR")
+        inc, how = Path(list(spec.submodule_search_locations)[0]) / "source" / "include", "the nvidia-cutlass wheel"
+    needed = ("cute/tensor.hpp", "cute/atom/mma_traits_sm90_gmma.hpp", "cutlass/pipeline/sm90_pipeline.hpp",
+              "cutlass/version.h")
+    missing = [f for f in needed if not (inc / f).is_file()]
+    if missing:
+        return None, None, f"CUTLASS headers at {inc} ({how}) lack {', '.join(missing)}"
+    text = (inc / "cutlass" / "version.h").read_text()
+    parts = [re.search(rf"#define CUTLASS_{k}\s+(\d+)", text) for k in ("MAJOR", "MINOR", "PATCH")]
+    version = ".".join(p.group(1) for p in parts if p) or "unknown"
+    if how == "the nvidia-cutlass wheel":
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+        try:
+            how += f" nvidia-cutlass=={dist_version('nvidia-cutlass')}"
+        except PackageNotFoundError:
+            pass
+    return str(inc), version, how
+
+
+def _arch_list_for_sm90(arch_list):
+    """(arch list with 9.0 as 9.0a, extra nvcc flags, whether 9.0 is in it)."""
+    entries = [e for e in re.split(r"[;\s]+", arch_list) if e]
+    out, extra, has90 = [], [], False
+    for e in entries:
+        base = e[:-4] if e.endswith("+PTX") else e
+        if base in ("9.0", "9.0a"):
+            has90 = True
+            out.append("9.0a")
+            if e.endswith("+PTX"):  # PTX for later GPUs; the sm_90a kernels compile to nothing in it
+                extra.append("-gencode=arch=compute_90,code=compute_90")
+        else:
+            out.append(e)
+    return ";".join(dict.fromkeys(out)), extra, has90
+
+
 def _max_jobs():
     cores = os.cpu_count() or 1
     try:
@@ -88,28 +139,47 @@ def _cuda_extension():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
-    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "the visible GPU's")
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        if torch.cuda.is_available():
+            caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a}.{b}" for a, b in caps)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    requested = os.environ["TORCH_CUDA_ARCH_LIST"]
+    arch_list, extra_gencode, has90 = _arch_list_for_sm90(requested)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     if not os.environ.get("MAX_JOBS"):
         os.environ["MAX_JOBS"] = str(_max_jobs())
 
-    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    cutlass_inc, cutlass_version, cutlass_how = _find_cutlass()
+    if not has90:
+        sm90 = {"built": False, "reason": f"the arch list ({requested}) does not name 9.0"}
+    elif cutlass_inc is None:
+        if _flag("RESASPP_FORCE_CUDA"):
+            raise RuntimeError(f"RESASPP_FORCE_CUDA=1 and the arch list names 9.0, but {cutlass_how}")
+        sm90 = {"built": False, "reason": cutlass_how}
+    else:
+        sm90 = {"built": True, "reason": f"sm_90a, CUTLASS {cutlass_version} from {cutlass_how} ({cutlass_inc})"}
+    sm90.update(cutlass_version=cutlass_version, cutlass_dir=cutlass_inc)
+
+    define = [f"-DRESASPP_WITH_SM90={1 if sm90['built'] else 0}"]
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + define + extra_gencode
     if _flag("RESASPP_PTXAS_VERBOSE"):
         nvcc_flags += ["-Xptxas", "-v"]
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c*")
-                     if p.suffix in (".cpp", ".cu"))
+                     if p.suffix in (".cpp", ".cu") and (sm90["built"] or not p.name.startswith(SM90_SOURCES)))
     ext = CUDAExtension(
         name="resaspp_ops._C",
         sources=sources,
-        include_dirs=[str(ROOT / "csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
+        include_dirs=[str(ROOT / "csrc")] + ([cutlass_inc] if sm90["built"] else []),
+        extra_compile_args={"cxx": ["-O3"] + define, "nvcc": nvcc_flags},
     )
     _log(f"building resaspp_ops._C | CUDA_HOME={cuda_home} (from {how}) | torch {torch.__version__} "
-         f"(CUDA {torch.version.cuda}) | TORCH_CUDA_ARCH_LIST={arch_list} | MAX_JOBS={os.environ['MAX_JOBS']} "
-         f"| {len(sources)} sources")
+         f"(CUDA {torch.version.cuda}) | TORCH_CUDA_ARCH_LIST={arch_list} (asked: {requested}) "
+         f"| MAX_JOBS={os.environ['MAX_JOBS']} | {len(sources)} sources | sm_90a kernels: "
+         f"{'yes, ' if sm90['built'] else 'no: '}{sm90['reason']}")
     build_config = {"cuda_home": cuda_home, "arch_list": arch_list, "torch": torch.__version__,
-                    "torch_cuda": torch.version.cuda}
+                    "torch_cuda": torch.version.cuda, "sm90": sm90}
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}, build_config
 
 

@@ -1,24 +1,19 @@
-// SIMT kernels for the fused multi-rate convolution: forward, dgrad and wgrad, and the host
-// entry points, which route fp16/bf16 to the tensor-core kernels (multi_rate_conv2d_tc.h) when
-// tc::tensor_cores_apply() allows it.
+// SIMT kernels for the fused multi-rate convolution: forward, dgrad and wgrad, and their launchers
+// (multi_rate_conv2d_simt.h).
 //
-// Straightforward and exact (fp32 FMAs for fp16/bf16/fp32, fp64 for fp64): the
-// correctness baseline that the tensor-core kernels are checked against on the
-// GPU, and the path for fp64. It already follows DESIGN.md section 4's
-// structure: NHWC, 2-D spatial output tiles, one block owns an (image, tile,
-// channel block) for every branch, and taps that land wholly in zero padding
-// are skipped per tile (the test is uniform across the block: no divergence).
+// Straightforward and exact (fp32 FMAs for fp16/bf16/fp32, fp64 for fp64): the path for fp64, for fp32
+// when TF32 is off, for shapes the tensor-core kernels do not take, and the baseline they are checked
+// against on the GPU. It already follows DESIGN.md section 4's structure: NHWC, 2-D spatial output
+// tiles, one block owns an (image, tile, channel block) for every branch, and taps that land wholly in
+// zero padding are skipped per tile (the test is uniform across the block: no divergence).
 //
-// Includes only c10/cuda headers: ATen/cuda/CUDAContext.h pulls cusparse.h,
-// which a CUDA toolkit without the math libraries lacks.
-#include "multi_rate_conv2d.h"
-#include "multi_rate_conv2d_tc.h"
+// Includes only c10/cuda headers: ATen/cuda/CUDAContext.h pulls cusparse.h, which a CUDA toolkit without
+// the math libraries lacks.
+#include "multi_rate_conv2d_simt.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -223,18 +218,15 @@ __global__ void __launch_bounds__(kThreads) wgrad_kernel(
 }
 
 // Taps in branch order: t = 0 is the 1x1; t = 1 + 9b + 3ky + kx is branch b+1 at (ky, kx).
-// sign = +1 for the forward and wgrad (read x at p + d), -1 for dgrad (read grad at p - d).
-// A rate is clamped to kMaxRate before the int conversion: check_inputs keeps H and W below it, so
-// a clamped rate still puts every off-centre tap wholly in padding (the same result), and the kernels'
-// h + dy sums stay far from int overflow (a rate of 2^32 + 1 would otherwise wrap to 1).
-constexpr int64_t kMaxRate = int64_t{1} << 29;
+// sign = +1 for the forward and wgrad (read x at p + d), -1 for dgrad (read grad at p - d). Rates are
+// clamped to kMaxRate (job_geometry.h) before the int conversion (2^32 + 1 would otherwise wrap to 1).
 TapTable make_tap_table(const std::vector<int64_t>& rates, int sign) {
   TapTable taps{};
   taps.num_taps = 1 + 9 * static_cast<int>(rates.size());
   taps.branch[0] = 0;
   taps.dy[0] = taps.dx[0] = 0;
   for (size_t b = 0; b < rates.size(); ++b) {
-    const int r = static_cast<int>(std::min(rates[b], kMaxRate));
+    const int r = static_cast<int>(std::min<int64_t>(rates[b], kMaxRate));
     for (int ky = 0; ky < 3; ++ky)
       for (int kx = 0; kx < 3; ++kx) {
         const int t = 1 + 9 * static_cast<int>(b) + 3 * ky + kx;
@@ -246,36 +238,12 @@ TapTable make_tap_table(const std::vector<int64_t>& rates, int sign) {
   return taps;
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& w1x1, const at::Tensor& w3x3,
-                  const std::vector<int64_t>& rates) {
-  TORCH_CHECK(x.is_cuda(), "resaspp_ops._C: x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, "resaspp_ops._C: x must be [N, C, H, W], got ", x.sizes());
-  TORCH_CHECK(w1x1.dim() == 4 && w1x1.size(2) == 1 && w1x1.size(3) == 1,
-              "resaspp_ops._C: w1x1 must be [Co, C, 1, 1], got ", w1x1.sizes());
-  TORCH_CHECK(w3x3.dim() == 5 && w3x3.size(3) == 3 && w3x3.size(4) == 3,
-              "resaspp_ops._C: w3x3 must be [B, Co, C, 3, 3], got ", w3x3.sizes());
-  TORCH_CHECK(w1x1.size(1) == x.size(1) && w3x3.size(2) == x.size(1),
-              "resaspp_ops._C: x has ", x.size(1), " channels but the weights expect ", w1x1.size(1));
-  TORCH_CHECK(w3x3.size(1) == w1x1.size(0), "resaspp_ops._C: w1x1 and w3x3 disagree on Co");
-  TORCH_CHECK(static_cast<int64_t>(rates.size()) == w3x3.size(0), "resaspp_ops._C: ", rates.size(),
-              " rates for ", w3x3.size(0), " atrous branches");
-  TORCH_CHECK(w3x3.size(0) <= kMaxBranches, "resaspp_ops._C: at most ", kMaxBranches,
-              " atrous branches are supported, got ", w3x3.size(0));
-  for (int64_t r : rates) TORCH_CHECK(r >= 1, "resaspp_ops._C: rates must be positive, got ", r);
-  TORCH_CHECK(w1x1.scalar_type() == x.scalar_type() && w3x3.scalar_type() == x.scalar_type(),
-              "resaspp_ops._C: x, w1x1 and w3x3 must share a dtype");
-  TORCH_CHECK(w1x1.device() == x.device() && w3x3.device() == x.device(),
-              "resaspp_ops._C: x, w1x1 and w3x3 must be on the same device");
-  TORCH_CHECK(x.size(2) < kMaxRate && x.size(3) < kMaxRate, "resaspp_ops._C: spatial size too large (at most ",
-              kMaxRate - 1, ")");
-}
-
-// Packed weights [T, K, M]: forward maps C -> Co per tap, dgrad maps Co -> C (the transpose).
+// Packed weights [T, K, M]: forward maps C -> Co per tap, dgrad maps Co -> C (the transpose). The SIMT
+// kernels read one contiguous slice a tap; they are the exact baseline, not the fast path.
 at::Tensor pack_weights(const at::Tensor& w1x1, const at::Tensor& w3x3, bool transpose) {
   const int64_t Co = w1x1.size(0), C = w1x1.size(1), B = w3x3.size(0);
   at::Tensor w1 = w1x1.reshape({Co, C});
-  if (transpose) {
-    // [1, Co, C] and [B, 3, 3, Co, C] -> [9B, Co, C]
+  if (transpose) {  // [1, Co, C] and [B, 3, 3, Co, C] -> [9B, Co, C]
     return at::cat({w1.unsqueeze(0), w3x3.permute({0, 3, 4, 1, 2}).reshape({9 * B, Co, C})}, 0).contiguous();
   }
   // [1, C, Co] and [B, 3, 3, C, Co] -> [9B, C, Co]
@@ -284,133 +252,71 @@ at::Tensor pack_weights(const at::Tensor& w1x1, const at::Tensor& w3x3, bool tra
 
 int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
-// The tensor-core kernels copy 16-byte vectors: a view whose data starts off a 16-byte boundary
-// (a channel slice, say) is copied once into fresh, aligned memory.
-at::Tensor aligned16(const at::Tensor& t) {
-  if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0) return t;
-  return t.clone(at::MemoryFormat::ChannelsLast);
-}
-
 }  // namespace
 
-at::Tensor multi_rate_conv2d_forward_cuda(const at::Tensor& x_in, const at::Tensor& w1x1,
-                                          const at::Tensor& w3x3, const std::vector<int64_t>& rates,
-                                          const std::optional<at::Tensor>& scale,
-                                          const std::optional<at::Tensor>& shift, bool relu) {
-  check_inputs(x_in, w1x1, w3x3, rates);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t Co = w1x1.size(0), B = w3x3.size(0), Ct = (1 + B) * Co;
-  at::Tensor out = at::empty({N, Ct, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (out.numel() == 0) return out;
+namespace simt {
 
-  const at::ScalarType acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto epilogue_param = [&](const std::optional<at::Tensor>& p, const char* name) -> at::Tensor {
-    if (!p.has_value() || !p->defined()) return at::Tensor();
-    TORCH_CHECK(p->dim() == 1 && p->size(0) == Ct, "resaspp_ops._C: ", name, " must be [", Ct, "], got ", p->sizes());
-    TORCH_CHECK(p->device() == x.device(), "resaspp_ops._C: ", name, " must be on ", x.device());
-    return p->to(acc_type).contiguous();
-  };
-  const at::Tensor scale_c = epilogue_param(scale, "scale");
-  const at::Tensor shift_c = epilogue_param(shift, "shift");
+void forward(const at::Tensor& x, const at::Tensor& w1x1, const at::Tensor& w3x3, const std::vector<int64_t>& rates,
+             at::Tensor& out, const at::Tensor& scale, const at::Tensor& shift, bool relu) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Co = w1x1.size(0), Ct = out.size(1);
   const at::Tensor wpk = pack_weights(w1x1, w3x3, /*transpose=*/false);
   const TapTable taps = make_tap_table(rates, +1);
-  if (tc::tensor_cores_apply(x, C, Co)) {
-    tc::forward(aligned16(x), wpk, out, scale_c, shift_c, relu, taps, static_cast<int>(1 + B));
-    return out;
-  }
-
   const int tiles_w = ceil_div(W, kTileW);
   const int tiles_per_image = ceil_div(H, kTileH) * tiles_w;
   const int64_t grid_x = N * tiles_per_image;
   TORCH_CHECK(grid_x <= std::numeric_limits<int>::max(), "resaspp_ops._C: too many output tiles");
   TORCH_CHECK(ceil_div(Co, kBlockM) <= 65535, "resaspp_ops._C: too many output channels (", Co, ")");
   const dim3 grid(static_cast<unsigned>(grid_x), ceil_div(Co, kBlockM));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_rate_conv2d_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    multi_tap_conv_kernel<scalar_t, acc_t, false><<<grid, kThreads, 0, stream>>>(
+    multi_tap_conv_kernel<scalar_t, acc_t, false><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.const_data_ptr<scalar_t>(), wpk.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-        scale_c.defined() ? scale_c.const_data_ptr<acc_t>() : nullptr,
-        shift_c.defined() ? shift_c.const_data_ptr<acc_t>() : nullptr, relu, taps, static_cast<int>(H),
+        scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr,
+        shift.defined() ? shift.const_data_ptr<acc_t>() : nullptr, relu, taps, static_cast<int>(H),
         static_cast<int>(W), static_cast<int>(C), static_cast<int>(Co), tiles_w, tiles_per_image,
         /*in_cstride=*/C, /*in_branch_off=*/0, /*out_cstride=*/Ct, /*out_branch_off=*/Co);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
 }
 
-std::vector<at::Tensor> multi_rate_conv2d_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                                        const at::Tensor& w1x1, const at::Tensor& w3x3,
-                                                        const std::vector<int64_t>& rates, bool need_x,
-                                                        bool need_w) {
-  check_inputs(x_in, w1x1, w3x3, rates);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+void dgrad(const at::Tensor& grad, const at::Tensor& w1x1, const at::Tensor& w3x3, const std::vector<int64_t>& rates,
+           at::Tensor& grad_x) {
+  const int64_t N = grad_x.size(0), C = grad_x.size(1), H = grad_x.size(2), W = grad_x.size(3);
+  const int64_t Co = w1x1.size(0), Ct = grad.size(1);
+  const at::Tensor wpk_t = pack_weights(w1x1, w3x3, /*transpose=*/true);
+  const TapTable taps = make_tap_table(rates, -1);
+  const int tiles_w = ceil_div(W, kTileW);
+  const int tiles_per_image = ceil_div(H, kTileH) * tiles_w;
+  const int64_t grid_x = N * tiles_per_image;
+  TORCH_CHECK(grid_x <= std::numeric_limits<int>::max(), "resaspp_ops._C: too many input tiles");
+  TORCH_CHECK(ceil_div(C, kBlockM) <= 65535, "resaspp_ops._C: too many input channels (", C, ")");
+  const dim3 grid(static_cast<unsigned>(grid_x), ceil_div(C, kBlockM));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "multi_rate_conv2d_dgrad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    multi_tap_conv_kernel<scalar_t, acc_t, true><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        grad.const_data_ptr<scalar_t>(), wpk_t.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
+        nullptr, nullptr, false, taps, static_cast<int>(H), static_cast<int>(W), static_cast<int>(Co),
+        static_cast<int>(C), tiles_w, tiles_per_image, /*in_cstride=*/Ct, /*in_branch_off=*/Co,
+        /*out_cstride=*/C, /*out_branch_off=*/0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void wgrad(const at::Tensor& grad, const at::Tensor& x, const std::vector<int64_t>& rates, at::Tensor& dw) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t Co = w1x1.size(0), B = w3x3.size(0), Ct = (1 + B) * Co;
-  TORCH_CHECK(grad_in.dim() == 4 && grad_in.size(0) == N && grad_in.size(1) == Ct && grad_in.size(2) == H &&
-                  grad_in.size(3) == W,
-              "resaspp_ops._C: grad must be [", N, ", ", Ct, ", ", H, ", ", W, "], got ", grad_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == x.scalar_type() && grad_in.device() == x.device(),
-              "resaspp_ops._C: grad must match x in dtype and device");
-  const at::Tensor grad = grad_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::ScalarType acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const bool use_tc = tc::tensor_cores_apply(x, C, Co);
-
-  at::Tensor grad_x, grad_w1x1, grad_w3x3;
-  if (need_x) {
-    grad_x = at::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-    if (grad_x.numel() > 0) {
-      const at::Tensor wpk_t = pack_weights(w1x1, w3x3, /*transpose=*/true);
-      const TapTable taps = make_tap_table(rates, -1);
-      if (use_tc) {
-        tc::dgrad(aligned16(grad), wpk_t, grad_x, taps);
-      } else {
-        const int tiles_w = ceil_div(W, kTileW);
-        const int tiles_per_image = ceil_div(H, kTileH) * tiles_w;
-        const int64_t grid_x = N * tiles_per_image;
-        TORCH_CHECK(grid_x <= std::numeric_limits<int>::max(), "resaspp_ops._C: too many input tiles");
-        TORCH_CHECK(ceil_div(C, kBlockM) <= 65535, "resaspp_ops._C: too many input channels (", C, ")");
-        const dim3 grid(static_cast<unsigned>(grid_x), ceil_div(C, kBlockM));
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_rate_conv2d_dgrad", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          multi_tap_conv_kernel<scalar_t, acc_t, true><<<grid, kThreads, 0, stream>>>(
-              grad.const_data_ptr<scalar_t>(), wpk_t.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
-              nullptr, nullptr, false, taps, static_cast<int>(H), static_cast<int>(W), static_cast<int>(Co),
-              static_cast<int>(C), tiles_w, tiles_per_image, /*in_cstride=*/Ct, /*in_branch_off=*/Co,
-              /*out_cstride=*/C, /*out_branch_off=*/0);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-      }
-    }
-  }
-  if (need_w) {
-    const TapTable taps = make_tap_table(rates, +1);
-    at::Tensor dw = at::zeros({taps.num_taps, Co, C}, x.options().dtype(acc_type));
-    if (dw.numel() > 0 && N > 0 && H > 0 && W > 0 && use_tc) {
-      tc::wgrad(aligned16(grad), aligned16(x), dw, taps);
-    } else if (dw.numel() > 0 && N > 0 && H > 0 && W > 0) {
-      TORCH_CHECK(ceil_div(Co, kBlockM) <= 65535, "resaspp_ops._C: too many output channels (", Co, ")");
-      const dim3 grid(ceil_div(C, kBlockM), ceil_div(Co, kBlockM), taps.num_taps);
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_rate_conv2d_wgrad", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        wgrad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-            grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dw.mutable_data_ptr<acc_t>(), taps, N,
-            static_cast<int>(H), static_cast<int>(W), static_cast<int>(C), static_cast<int>(Co), /*g_cstride=*/Ct);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    }
-    grad_w1x1 = dw[0].reshape({Co, C, 1, 1}).to(x.scalar_type());
-    // One strided copy from the [tap, Co, C] accumulators into the weights' dtype and layout: no intermediate
-    // of the weights' size in fp32 (56 MiB at C=2048, Co=256, B=3) at the peak of the backward.
-    grad_w3x3 = at::empty({B, Co, C, 3, 3}, x.options());
-    grad_w3x3.permute({0, 3, 4, 1, 2}).copy_(dw.slice(0, 1).reshape({B, 3, 3, Co, C}));
-  }
-  return {grad_x, grad_w1x1, grad_w3x3};
+  const int64_t Co = dw.size(1), Ct = grad.size(1);
+  const TapTable taps = make_tap_table(rates, +1);
+  TORCH_CHECK(ceil_div(Co, kBlockM) <= 65535, "resaspp_ops._C: too many output channels (", Co, ")");
+  const dim3 grid(ceil_div(C, kBlockM), ceil_div(Co, kBlockM), taps.num_taps);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_rate_conv2d_wgrad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    wgrad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dw.mutable_data_ptr<acc_t>(), taps, N,
+        static_cast<int>(H), static_cast<int>(W), static_cast<int>(C), static_cast<int>(Co), /*g_cstride=*/Ct);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
+}  // namespace simt
 }  // namespace resaspp

@@ -73,6 +73,8 @@ def cmd_info(args) -> int:
         print("resaspp_ops._C: built (no build record)")
     else:
         print(f"resaspp_ops._C: not available: {cuda_backend.availability(torch.device('cuda'), torch.float32)[1]}")
+    if ext is not None:
+        print(cuda_backend.kernel_status())
     for family, title in ((B.MULTI_RATE, "backends"), (B.SEPARABLE, f"{B.SEPARABLE} (separable ASPP) backends")):
         for device in ("cpu", "cuda"):
             print(f"{title} for {device} tensors:")

@@ -1,11 +1,13 @@
-"""The CUDA C++ kernels of csrc/ (issue 4): machine code, and results on a GPU.
+"""The CUDA C++ kernels of csrc/ (issue 13): machine code, host-side layouts, and results on a GPU.
 
-- test_sass_*: not GPU tests. They disassemble the built resaspp_ops._C with cuobjdump and check
-  that it holds sm_90 code whose tensor-core kernels use tensor-core instructions (HMMA/HGMMA) and
-  no local memory. Skipped when _C is not built or no cuobjdump is found.
-- the rest carry the `cuda` marker: forward and grads of the tensor-core path (fp16/bf16 with C and
-  Co multiples of 8 on sm_80+) and of the SIMT path (RESASPP_CUDA_KERNEL=simt, and every shape the
-  tensor cores do not take) against float64, by DESIGN.md section 5's error rule.
+- test_sass_* and test_res_usage_*: not GPU tests. They disassemble the built resaspp_ops._C with cuobjdump:
+  the sm_90a kernels run HGMMA (wgmma m64n256k16) fed by UTMALDG (TMA), the mma kernels HMMA from LDSM
+  (ldmatrix), none of them touches local memory, and registers stay within the launch bounds. Skipped when
+  _C is not built or no cuobjdump is found.
+- test_sm90_*_map: not GPU tests either. CuTe's accumulator and shared-memory layouts, evaluated on the
+  host, against what the epilogues and the TMA boxes assume.
+- the rest carry the `cuda` marker: every kernel family (RESASPP_CUDA_KERNEL=sm90, mma, simt) forward and
+  grads against float64 by DESIGN.md section 5's error rule, and the dispatch rules.
 """
 from __future__ import annotations
 
@@ -16,20 +18,27 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import resaspp_ops
 from resaspp_ops import multi_rate_conv2d
+from resaspp_ops.backend import cuda as cuda_backend
+from resaspp_ops.backend import sm90_plan
 from utils import AWKWARD, Problem, assert_error_rule, float64_reference, make_problem, pytorch_same_dtype
 
 # ----------------------------------------------------------------------------------------------
 # Machine code
 # ----------------------------------------------------------------------------------------------
 
-# Mangled-name fragments of the tensor-core kernels (csrc/tc_common.cuh, multi_rate_conv2d_tc_wgrad.cu).
-TC_KERNELS = ("multi_tap_tc_kernel", "wgrad_tc_kernel")
-TC_ELEMENT_TYPES = ("__half", "__nv_bfloat16")
+# Mangled-name fragments: the sm_90a kernels are persistent_kernel<Op<T>> (csrc/sm90_kernel.cuh).
+SM90_OPS = {"ForwardOp": "", "DgradOp": ".tnspB", "WgradOp": ".tnspA.tnspB"}  # the operands read MN-major
+SM90_TYPES = ("10bfloat16_t", "6half_t")
+SM90_MAX_REGS = 168  # 65536 registers / 384 threads, in steps of 8: what __launch_bounds__(384, 1) allows
+MMA_KERNELS = ("multi_tap_mma_kernel", "wgrad_mma_kernel")
+MMA_TYPES = {"I6__half": "HMMA.16816.F32", "I13__nv_bfloat16": "HMMA.16816.F32.BF16", "If": "HMMA.1688.F32.TF32"}
+MMA_MAX_REGS = 255  # __launch_bounds__(128)
 
 
 def _built_extension() -> Path | None:
@@ -37,17 +46,20 @@ def _built_extension() -> Path | None:
     return Path(spec.origin) if spec is not None and spec.origin else None
 
 
+def _build_config() -> dict:
+    try:
+        from resaspp_ops._build_config import BUILD_CONFIG
+    except ImportError:
+        return {}
+    return BUILD_CONFIG or {}
+
+
 def _find_cuobjdump() -> str | None:
-    """cuobjdump on PATH, in the CUDA toolkit, or the copy Triton ships (this toolkit has none)."""
+    """cuobjdump on PATH, in the CUDA toolkit setup.py used, or the copy Triton ships (this toolkit has none)."""
     found = shutil.which("cuobjdump")
     if found:
         return found
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    try:
-        from resaspp_ops._build_config import BUILD_CONFIG
-        homes.append((BUILD_CONFIG or {}).get("cuda_home"))
-    except ImportError:
-        pass
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), _build_config().get("cuda_home")]
     homes += sorted(str(p) for p in Path("/usr/local").glob("cuda*"))
     candidates = [Path(h) / "bin" / "cuobjdump" for h in homes if h]
     triton = importlib.util.find_spec("triton")
@@ -60,13 +72,24 @@ def _find_cuobjdump() -> str | None:
     return None
 
 
-def _sass_by_function(so: Path, cuobjdump: str) -> dict[tuple[str, str], str]:
+def _cuobjdump(flag: str) -> str:
+    so = _built_extension()
+    if so is None:
+        pytest.skip("resaspp_ops._C is not built")
+    tool = _find_cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump found (PATH, the build's CUDA_HOME, /usr/local/cuda*, triton's bundled copy)")
+    res = subprocess.run([tool, flag, str(so)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"cuobjdump {flag} failed: {res.stderr[-2000:]}"
+    return res.stdout
+
+
+@pytest.fixture(scope="module")
+def sass() -> dict[tuple[str, str], str]:
     """{(arch, mangled function name): its SASS text} from `cuobjdump -sass`."""
-    res = subprocess.run([cuobjdump, "-sass", str(so)], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, f"cuobjdump -sass failed: {res.stderr[-2000:]}"
     out: dict[tuple[str, str], list[str]] = {}
     arch, func = None, None
-    for line in res.stdout.splitlines():
+    for line in _cuobjdump("-sass").splitlines():
         m = re.match(r"\s*arch = (sm_\w+)", line)
         if m:
             arch, func = m.group(1), None
@@ -82,39 +105,200 @@ def _sass_by_function(so: Path, cuobjdump: str) -> dict[tuple[str, str], str]:
 
 
 @pytest.fixture(scope="module")
-def sass():
-    so = _built_extension()
-    if so is None:
-        pytest.skip("resaspp_ops._C is not built")
-    cuobjdump = _find_cuobjdump()
-    if cuobjdump is None:
-        pytest.skip("no cuobjdump found (PATH, CUDA_HOME, /usr/local/cuda*, triton's bundled copy)")
-    return _sass_by_function(so, cuobjdump)
+def res_usage() -> dict[str, dict[str, int]]:
+    """{mangled function name: {"REG": n, "STACK": n, "LOCAL": n, ...}} from `cuobjdump -res-usage`."""
+    out, func = {}, None
+    for line in _cuobjdump("-res-usage").splitlines():
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            func = m.group(1)
+            continue
+        if func is not None and "REG:" in line:
+            out[func] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
+            func = None
+    return out
 
 
-def _tc_functions(sass, arch="sm_90"):
-    return {f: text for (a, f), text in sass.items() if a == arch and any(k in f for k in TC_KERNELS)}
+def _needs_sm90_build():
+    if not (_build_config().get("sm90") or {}).get("built"):
+        pytest.skip(f"_C was built without the sm_90a kernels: {(_build_config().get('sm90') or {}).get('reason')}")
 
 
-def test_sass_has_sm90_code(sass):
+def _sm90_functions(sass, op, dtype):
+    return {f: t for (a, f), t in sass.items() if a == "sm_90a" and "persistent_kernel" in f and op in f and dtype in f}
+
+
+def _mma_functions(sass, kernel, dtype):
+    return {f: t for (a, f), t in sass.items() if a == "sm_90a" and f"{kernel}{dtype}" in f}
+
+
+def test_sass_holds_sm90a_code(sass):
     archs = {a for a, _ in sass}
-    assert "sm_90" in archs, f"resaspp_ops._C holds no sm_90 machine code (archs: {sorted(a for a in archs if a)})"
+    assert "sm_90a" in archs, f"resaspp_ops._C holds no sm_90a machine code (archs: {sorted(a for a in archs if a)})"
 
 
-def test_sass_tensor_core_kernels_use_tensor_cores(sass):
-    funcs = _tc_functions(sass)
-    for kernel in TC_KERNELS:
-        for dtype in TC_ELEMENT_TYPES:
-            names = [f for f in funcs if kernel in f and dtype in f]
-            assert names, f"no sm_90 {kernel} for {dtype} in resaspp_ops._C"
-            for name in names:
-                count = len(re.findall(r"\b(HMMA|HGMMA)\b", funcs[name]))
-                assert count > 0, f"{name}: no HMMA/HGMMA in its sm_90 SASS"
+@pytest.mark.parametrize("dtype", SM90_TYPES)
+@pytest.mark.parametrize("op", list(SM90_OPS))
+def test_sass_sm90_kernels_run_hgmma_fed_by_tma(sass, op, dtype):
+    _needs_sm90_build()
+    funcs = _sm90_functions(sass, op, dtype)
+    assert len(funcs) == 1, f"expected one sm_90a persistent_kernel<{op}<{dtype}>>, found {list(funcs)}"
+    text = next(iter(funcs.values()))
+    gmma = re.findall(r"\bHGMMA\.(\S+) .*gdesc\[\w+\](\S*),", text)
+    assert gmma, f"{op} {dtype}: no HGMMA"
+    want = "64x256x16.F32" + (".BF16" if "bfloat16" in dtype else "")
+    assert {shape for shape, _ in gmma} == {want}, f"{op}: HGMMA shapes {set(gmma)}"
+    assert {flags for _, flags in gmma} == {SM90_OPS[op]}, f"{op}: operand majors {set(f for _, f in gmma)}"
+    assert re.search(r"\bUTMALDG\b", text), f"{op} {dtype}: no TMA loads (UTMALDG)"
+    assert re.search(r"\bSYNCS\.", text), f"{op} {dtype}: no mbarrier operations"
+    assert not re.search(r"\bHMMA\b", text), f"{op} {dtype}: mma.sync in a warpgroup-MMA kernel"
+    assert re.search(r"USETMAXREG\.TRY_ALLOC", text) and re.search(r"USETMAXREG\.DEALLOC", text), \
+        f"{op} {dtype}: no setmaxnreg between producer and consumers"
 
 
-def test_sass_tensor_core_kernels_use_no_local_memory(sass):
-    for name, text in _tc_functions(sass).items():
-        assert not re.search(r"\b(LDL|STL)\b", text), f"{name}: local-memory loads/stores (spills) in sm_90 SASS"
+@pytest.mark.parametrize("dtype", SM90_TYPES)
+@pytest.mark.parametrize("op", list(SM90_OPS))
+def test_res_usage_sm90_kernels_no_local_memory_registers_within_bounds(sass, res_usage, op, dtype):
+    _needs_sm90_build()
+    (name, text), = _sm90_functions(sass, op, dtype).items()
+    assert not re.search(r"\b(LDL|STL)\b", text), f"{op} {dtype}: local-memory loads/stores in its SASS"
+    usage = res_usage[name]
+    assert usage["STACK"] == 0 and usage["LOCAL"] == 0, f"{op} {dtype}: stack {usage['STACK']} B, local {usage['LOCAL']} B"
+    assert usage["REG"] <= SM90_MAX_REGS, f"{op} {dtype}: {usage['REG']} registers > {SM90_MAX_REGS}"
+
+
+@pytest.mark.parametrize("dtype", list(MMA_TYPES))
+@pytest.mark.parametrize("kernel", MMA_KERNELS)
+def test_sass_mma_kernels_use_ldmatrix_and_mma_sync(sass, res_usage, kernel, dtype):
+    funcs = _mma_functions(sass, kernel, dtype)
+    want = 2 if kernel == "multi_tap_mma_kernel" else 1  # forward and dgrad instantiations
+    assert len(funcs) == want, f"expected {want} sm_90a {kernel}{dtype}, found {list(funcs)}"
+    for name, text in funcs.items():
+        mmas = set(re.findall(r"\b(HMMA\.\S+)", text))
+        assert mmas == {MMA_TYPES[dtype]}, f"{name}: {mmas}"
+        assert re.search(r"\bLDSM\b", text) or dtype == "If", f"{name}: no ldmatrix"
+        assert not re.search(r"\bMOVM\b", text), f"{name}: register transposes (MOVM): fragments not from ldmatrix"
+        assert not re.search(r"\b(LDL|STL)\b", text), f"{name}: local-memory loads/stores"
+        usage = res_usage[name]
+        assert usage["STACK"] == 0 and usage["REG"] <= MMA_MAX_REGS, f"{name}: {usage}"
+
+
+# ----------------------------------------------------------------------------------------------
+# CuTe's layouts, evaluated on the host
+# ----------------------------------------------------------------------------------------------
+
+def _sm90_extension():
+    if _built_extension() is None:
+        pytest.skip("resaspp_ops._C is not built")
+    _C = cuda_backend.extension()
+    if not getattr(_C, "sm90_built", False):
+        pytest.skip("resaspp_ops._C was built without the sm_90a kernels")
+    return _C
+
+
+@pytest.mark.parametrize("kind", ["forward", "dgrad", "wgrad"])
+def test_sm90_accumulator_map(kind):
+    """What the epilogues assume of the m64n256 accumulators of the two consumer warpgroups: every (m, n)
+    of the 128 x 256 tile held once, a thread's values in two rows m and m + 8 of its warpgroup's 64, and
+    values 2i, 2i + 1 in adjacent columns of one row (one 32-bit store of a pair)."""
+    coords = _sm90_extension().sm90_accumulator_coords(kind).numpy()
+    assert coords.shape == (256, 128, 2)
+    m, n = coords[..., 0], coords[..., 1]
+    flat = m.astype(np.int64) * 256 + n
+    assert np.array_equal(np.sort(flat.ravel()), np.arange(128 * 256))
+    for t in range(256):
+        rows = set(m[t].tolist())
+        m0 = m[t, 0]
+        assert rows == {m0, m0 + 8} and 64 * (t // 128) <= m0 < 64 * (t // 128) + 64
+    assert (m[:, 1::2] == m[:, ::2]).all() and (n[:, 1::2] == n[:, ::2] + 1).all() and (n[:, ::2] % 2 == 0).all()
+
+
+def _tma_swizzle_128(row, col):
+    """Element offset of (row, col) in a box of 128-byte rows written by TMA with CU_TENSOR_MAP_SWIZZLE_128B
+    (16-bit elements, box base 1024-byte aligned): the 16-byte chunk index XOR the row index mod 8."""
+    return row * 64 + ((col // 8) ^ (row % 8)) * 8 + col % 8
+
+
+@pytest.mark.parametrize("kind", ["forward", "dgrad", "wgrad"])
+def test_sm90_smem_map_matches_the_tma_boxes(kind):
+    """The layouts the wgmma descriptors are built from put every operand element where the producer's TMA
+    boxes write it: K-major operands (forward A and B, dgrad A) one 128-byte row per M/N index, the box's
+    rows in order; MN-major ones (dgrad B, wgrad A and B) one row per K index, 64-wide blocks of M/N one
+    8 KiB box apart; stages 16 KiB (A) and 32 KiB (B) apart."""
+    _C = _sm90_extension()
+    mn_major = {"forward": (False, False), "dgrad": (False, True), "wgrad": (True, True)}[kind]
+    for operand, (slot, mn) in enumerate(zip((8192, 16384), mn_major)):
+        got = _C.sm90_smem_offsets(kind, bool(operand)).numpy()
+        stages, rows, k = got.shape
+        assert (stages, k) == (sm90_plan.STAGES, sm90_plan.BLOCK_K) and rows == slot // 64
+        s, r, c = np.meshgrid(np.arange(stages), np.arange(rows), np.arange(k), indexing="ij")
+        if mn:  # (M or N index r, K index c): box r // 64, row c, column r % 64
+            want = s * slot + (r // 64) * 4096 + _tma_swizzle_128(c, r % 64)
+        else:   # (M or N index r, K index c): row r, column c
+            want = s * slot + _tma_swizzle_128(r, c)
+        assert np.array_equal(got, want), f"{kind} {'AB'[operand]}: layout differs from the TMA boxes"
+
+
+def _ldmatrix_x4(rows, trans):
+    """What ldmatrix.x4.b16 hands each lane, from the 32 row addresses the lanes provide (matrix q's row r
+    from lane 8q + r): [lane][register] = byte addresses of the register's low and high 16-bit halves."""
+    out = []
+    for lane in range(32):
+        regs = []
+        for q in range(4):
+            m = rows[8 * q:8 * q + 8]
+            if trans:  # the 8 x 8 matrix transposed: elements (2 (lane % 4) [+1], lane / 4)
+                regs.append((m[2 * (lane % 4)] + 2 * (lane // 4), m[2 * (lane % 4) + 1] + 2 * (lane // 4)))
+            else:      # row lane / 4, elements 2 (lane % 4), + 1
+                regs.append((m[lane // 4] + 4 * (lane % 4), m[lane // 4] + 4 * (lane % 4) + 2))
+        out.append(regs)
+    return out
+
+
+def _fragment_element(operand, tf32, lane, q, half):
+    """The PTX ISA's fragment layouts: (row, column) of the operand (A: (m, k), B: (k, n)) that register q of
+    `lane` holds (its 16-bit half `half`); for B, q counts b0, b1 of one n8 tile, then of the next."""
+    g, t = lane // 4, lane % 4
+    if operand == "a":
+        return (g + 8 * (q % 2), (t + 4 * (q // 2)) if tf32 else (2 * t + 8 * (q // 2) + half))
+    k = (t + 4 * (q % 2)) if tf32 else (2 * t + 8 * (q % 2) + half)
+    return (k, g + 8 * (q // 2))
+
+
+@pytest.mark.parametrize("operand", ["a", "b"])
+@pytest.mark.parametrize("mn_major", [False, True], ids=["k-major", "mn-major"])
+@pytest.mark.parametrize("tf32", [False, True], ids=["16-bit", "tf32"])
+def test_mma_fragment_addresses_match_the_ptx_layouts(operand, mn_major, tf32):
+    """The addresses the mma kernels load their mma.sync fragments from (csrc/mma_fragments.h, the code
+    they run), through ldmatrix's documented behaviour or as 32-bit loads, give every lane exactly the
+    elements the PTX ISA's m16n8k16 / m16n8k8 fragment layouts assign it."""
+    if _built_extension() is None:
+        pytest.skip("resaspp_ops._C is not built")
+    _C = cuda_backend.extension()
+    elem = 4 if tf32 else 2
+    ld = (128 * elem + 16) if mn_major else 80
+    tile, k = (1, 8 if tf32 else 16) if operand == "a" else (2, 8 if tf32 else 16)
+    offsets = _C.mma_fragment_offsets(operand, mn_major, tf32, tile, k, ld, elem).tolist()
+    if mn_major and tf32:
+        regs = [[(offsets[lane][q], offsets[lane][q] + 2) for q in range(4)] for lane in range(32)]
+    else:
+        regs = _ldmatrix_x4([offsets[lane][0] for lane in range(32)], trans=mn_major)
+    origin = (16 if operand == "a" else 8) * tile  # the tile's first row of M (A) or column of N (B)
+    for lane in range(32):
+        for q in range(4):
+            for half, addr in enumerate(regs[lane][q][: 1 if tf32 else 2]):
+                major, minor = addr // ld, (addr % ld) // elem
+                assert (addr % ld) % elem == 0
+                if operand == "a":
+                    m, kk = (minor, major) if mn_major else (major, minor)
+                    got = (m - origin, kk - k)
+                else:
+                    n, kk = (minor, major) if mn_major else (major, minor)
+                    got = (kk - k, n - origin)
+                want = _fragment_element(operand, tf32, lane, q, half)
+                assert got == want, f"lane {lane} register {q} half {half}: {got} != {want}"
+            if tf32 and not mn_major:
+                assert regs[lane][q][1] == regs[lane][q][0] + 2  # one fp32 element per register
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,11 +306,12 @@ def test_sass_tensor_core_kernels_use_no_local_memory(sass):
 # ----------------------------------------------------------------------------------------------
 
 HALF_TYPES = (torch.float16, torch.bfloat16)
+KERNELS = ("sm90", "mma", "simt")
 
-# Shapes the tensor cores take in fp16/bf16 (C and Co multiples of 8): tile shapes picked per map
-# (13x17 -> 13x9, 9x20 -> 9x10, 33x33 -> 11x11, 3x150 -> 3x42, 19x3 -> 19x3 with spare slots), C not
-# a multiple of the 32-channel K-chunk, Co over one 64-channel block, 6 and 17 branches (2 and 5
-# forward branch groups of up to 4), rates past the map, a single pixel, one rate, N=0.
+# Shapes the tensor cores take (C and Co multiples of 8): tiles picked per map (13x17 -> 13x9, 9x20 ->
+# 9x10, 33x33 -> 11x11, 3x150 -> 3x42, 19x3 -> 19x3 with spare rows), small maps stacked (5x11 x2, 1x1),
+# C not a multiple of a K chunk, Co over one block, 6 and 17 branches, rates past the map, a single
+# pixel, one rate, N=0, several C and Co blocks with tails, many images per wgrad pixel step.
 TC_SHAPES = [
     Problem(2, 64, 32, 13, 17, (1, 6, 30)),
     Problem(1, 40, 72, 9, 20, (2, 3, 4, 5, 6)),
@@ -136,10 +321,10 @@ TC_SHAPES = [
     Problem(2, 8, 24, 1, 1, (1, 2, 3)),
     Problem(1, 136, 8, 19, 3, (1, 2)),
     Problem(1, 16, 8, 3, 150, (2, 40)),
-    Problem(1, 8, 8, 6, 7, tuple(range(1, 17))),  # 16 rates: 17 branches in 5 groups
+    Problem(1, 8, 8, 6, 7, tuple(range(1, 17))),
     Problem(0, 16, 8, 6, 6, (1, 2)),
-    Problem(1, 264, 136, 6, 9, (1, 3)),  # several C and Co blocks at once (wgrad: 3 x 3), both with tails
-    Problem(37, 8, 8, 2, 3, (1,)),  # wgrad: many images per 32-pixel step (the pixel cursor wraps images)
+    Problem(1, 264, 136, 6, 9, (1, 3)),
+    Problem(37, 8, 8, 2, 3, (1,)),
 ]
 # Shapes they do not take (C or Co not a multiple of 8): these run the SIMT kernels in every dtype.
 FALLBACK_SHAPES = [p for p in AWKWARD if p.c % 8 or p.co % 8]
@@ -151,7 +336,7 @@ def _floor(dtype):
 
 @pytest.fixture
 def kernel_env(monkeypatch):
-    """Sets RESASPP_CUDA_KERNEL for one test (read by _C at every call)."""
+    """Sets RESASPP_CUDA_KERNEL for one test (read at every call)."""
     def set_kernel(value):
         if value is None:
             monkeypatch.delenv("RESASPP_CUDA_KERNEL", raising=False)
@@ -160,9 +345,15 @@ def kernel_env(monkeypatch):
     return set_kernel
 
 
-def _needs_sm80(device):
-    if torch.cuda.get_device_capability(device)[0] < 8:
-        pytest.skip("the tensor-core kernels need sm_80 or newer")
+def _needs(kernel, device):
+    cap = torch.cuda.get_device_capability(device)
+    if kernel == "sm90":
+        if not cuda_backend.sm90_built():
+            pytest.skip("resaspp_ops._C was built without the sm_90a kernels")
+        if cap != (9, 0):
+            pytest.skip(f"the sm90 kernels need an sm_90 GPU, this is sm_{cap[0]}{cap[1]}")
+    elif kernel == "mma" and cap < (8, 0):
+        pytest.skip("the mma kernels need sm_80 or newer")
 
 
 def _poison_allocator(device, numel, dtype):
@@ -211,11 +402,10 @@ def _check_grads(problem, dtype, device, channels_last, epilogue, seed=2):
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("epilogue", [False, True], ids=["plain", "epilogue"])
-@pytest.mark.parametrize("kernel", ["tc", "simt"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_forward_tc_shapes(gpu_device, kernel_env, problem, dtype, channels_last, epilogue, kernel):
-    if kernel == "tc":
-        _needs_sm80(gpu_device)
-    kernel_env(kernel)  # "tc" makes a silent fallback an error, so these really ran on tensor cores
+    _needs(kernel, gpu_device)
+    kernel_env(kernel)  # a named family that cannot run the call raises: these really ran on it
     _check_forward(problem, dtype, gpu_device, channels_last, epilogue)
 
 
@@ -224,10 +414,9 @@ def test_forward_tc_shapes(gpu_device, kernel_env, problem, dtype, channels_last
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("epilogue", [False, True], ids=["plain", "epilogue"])
-@pytest.mark.parametrize("kernel", ["tc", "simt"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_grads_tc_shapes(gpu_device, kernel_env, problem, dtype, channels_last, epilogue, kernel):
-    if kernel == "tc":
-        _needs_sm80(gpu_device)
+    _needs(kernel, gpu_device)
     kernel_env(kernel)
     _check_grads(problem, dtype, gpu_device, channels_last, epilogue)
 
@@ -238,18 +427,38 @@ def test_grads_tc_shapes(gpu_device, kernel_env, problem, dtype, channels_last, 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("epilogue", [False, True], ids=["plain", "epilogue"])
 def test_forward_and_grads_auto_dispatch(gpu_device, kernel_env, problem, dtype, channels_last, epilogue):
-    """The default dispatch: SIMT for fp32 and for C/Co not multiples of 8, tensor cores otherwise."""
+    """The default dispatch: mma for fp16/bf16 (and fp32 as TF32, PyTorch's default for convolutions)
+    with C and Co multiples of 8 on sm_80+, SIMT otherwise."""
     kernel_env(None)
     _check_forward(problem, dtype, gpu_device, channels_last, epilogue)
     _check_grads(problem, dtype, gpu_device, channels_last, epilogue)
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("tf32", [True, False], ids=["tf32", "ieee"])
+def test_fp32_follows_the_tf32_switch(gpu_device, kernel_env, monkeypatch, tf32):
+    """fp32 runs the TF32 tensor-core kernels when cuDNN may use TF32 and the exact SIMT ones when not,
+    each within the error rule against PyTorch under the same switch."""
+    _needs("mma", gpu_device)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    kernel_env(None)
+    p = Problem(2, 64, 40, 17, 19, (2, 5, 11))
+    assert cuda_backend.kernel_choice(gpu_device, torch.float32, p.c, p.co)[0] == ("mma" if tf32 else "simt")
+    _check_forward(p, torch.float32, gpu_device, True, True)
+    _check_grads(p, torch.float32, gpu_device, True, False)
+    if not tf32:
+        kernel_env("mma")
+        with pytest.raises(RuntimeError, match="TF32"):
+            _check_forward(p, torch.float32, gpu_device, True, False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["sm90", "mma"])
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
-def test_misaligned_input(gpu_device, kernel_env, dtype):
-    """A channels_last x whose data starts 8 bytes off a 16-byte boundary (copied once, then TC)."""
-    _needs_sm80(gpu_device)
-    kernel_env("tc")
+def test_misaligned_input(gpu_device, kernel_env, kernel, dtype):
+    """A channels_last x whose data starts 8 bytes off a 16-byte boundary (copied once, then the kernels)."""
+    _needs(kernel, gpu_device)
+    kernel_env(kernel)
     p = Problem(2, 16, 8, 9, 10, (1, 3))
     x, w1, w3, _, _ = make_problem(p, dtype, gpu_device, seed=4)
     buf = torch.empty(x.numel() + 4, dtype=dtype, device=gpu_device)[4:]
@@ -266,105 +475,159 @@ def test_misaligned_input(gpu_device, kernel_env, dtype):
     g_off = gbuf.view(p.n, p.h, p.w, ct).permute(0, 3, 1, 2)
     g_off.copy_(g)
     assert g_off.is_contiguous(memory_format=torch.channels_last) and g_off.data_ptr() % 16 != 0
-    want = resaspp_ops._C.backward(g, x.contiguous(memory_format=torch.channels_last), w1, w3, list(p.rates), True, True)
-    got = resaspp_ops._C.backward(g_off, x_off, w1, w3, list(p.rates), True, True)
+    want = cuda_backend.backward(g, x.contiguous(memory_format=torch.channels_last), w1, w3, p.rates, True, True)
+    got = cuda_backend.backward(g_off, x_off, w1, w3, p.rates, True, True)
     for what, a, b in zip(("grad_x", "grad_w1x1", "grad_w3x3"), got, want):
         assert torch.equal(a, b), f"misaligned backward: {what} differs"
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_weights_in_any_layout_give_the_same_bits(gpu_device, kernel_env, kernel):
+    """FusedASPP's layout (each branch channels_last: read in place), PyTorch's (copied once) and a
+    K-major one give bitwise the same results."""
+    _needs(kernel, gpu_device)
+    kernel_env(kernel)
+    p = Problem(2, 32, 24, 11, 13, (1, 4, 12))
+    x, w1, w3, scale, shift = make_problem(p, torch.bfloat16, gpu_device, channels_last=True, epilogue=True, seed=10)
+    g = torch.randn((p.n, 4 * p.co, p.h, p.w), device=gpu_device, dtype=torch.bfloat16)
+    layouts = [w3, w3.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3),
+               w3.permute(0, 3, 4, 2, 1).contiguous().permute(0, 4, 3, 1, 2)]
+    runs = [(cuda_backend.forward(x, w1, w, p.rates, scale, shift, True),
+             *cuda_backend.backward(g, x, w1, w, p.rates, True, True)) for w in layouts]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", (torch.float32,) + HALF_TYPES, ids=str)
+def test_weight_grads_own_their_storage(gpu_device, kernel_env, kernel, dtype):
+    """grad_w1x1 and grad_w3x3 each hold exactly their own elements (no view of a larger buffer)."""
+    if kernel == "sm90" and dtype == torch.float32:
+        pytest.skip("the sm90 kernels take fp16 / bf16")
+    _needs(kernel, gpu_device)
+    kernel_env(kernel)
+    p = Problem(2, 16, 8, 9, 9, (1, 2))
+    x, w1, w3, _, _ = make_problem(p, dtype, gpu_device, channels_last=True, seed=11)
+    g = torch.randn((p.n, 3 * p.co, p.h, p.w), device=gpu_device, dtype=dtype)
+    _, gw1, gw3 = cuda_backend.backward(g, x, w1, w3, p.rates, False, True)
+    for t in (gw1, gw3):
+        assert t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["sm90", "mma"])
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
-def test_wgrad_bitwise_reproducible(gpu_device, kernel_env, dtype):
-    _needs_sm80(gpu_device)
-    kernel_env("tc")
+def test_wgrad_bitwise_reproducible(gpu_device, kernel_env, kernel, dtype):
+    _needs(kernel, gpu_device)
+    kernel_env(kernel)
     p = Problem(4, 64, 32, 33, 33, (6, 12, 18))
     x, w1, w3, _, _ = make_problem(p, dtype, gpu_device, channels_last=True, seed=5)
     g = torch.randn((p.n, 4 * p.co, p.h, p.w), device=gpu_device, dtype=dtype)
-    runs = [resaspp_ops._C.backward(g, x, w1, w3, list(p.rates), True, True) for _ in range(2)]
+    runs = [cuda_backend.backward(g, x, w1, w3, p.rates, True, True) for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b), "tensor-core backward differs between two identical runs"
 
 
 @pytest.mark.cuda
-def test_tc_env_rejects_unsupported(gpu_device, kernel_env):
+def test_kernel_env_rejects_what_cannot_run(gpu_device, kernel_env):
     p = Problem(1, 20, 12, 5, 5, (1, 2))
     x, w1, w3, _, _ = make_problem(p, torch.float16, gpu_device)
-    kernel_env("tc")
-    with pytest.raises(RuntimeError, match="multiples of 8"):
-        resaspp_ops._C.forward(x, w1, w3, list(p.rates))
+    for kernel in ("mma", "sm90"):
+        kernel_env(kernel)
+        with pytest.raises(RuntimeError, match="multiples of 8|sm_90|without the sm_90a"):
+            cuda_backend.forward(x, w1, w3, p.rates, None, None, False)
+    kernel_env("sm90")
+    x32, w132, w332, _, _ = make_problem(Problem(1, 16, 8, 5, 5, (1, 2)), torch.float32, gpu_device)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16|sm_90"):
+        cuda_backend.forward(x32, w132, w332, (1, 2), None, None, False)
     kernel_env("fastest")
     with pytest.raises(RuntimeError, match="RESASPP_CUDA_KERNEL"):
-        resaspp_ops._C.forward(x, w1, w3, list(p.rates))
+        cuda_backend.forward(x, w1, w3, p.rates, None, None, False)
 
 
 @pytest.mark.cuda
+def test_auto_keeps_sm90_off_until_validated(gpu_device, kernel_env, monkeypatch):
+    kernel_env(None)
+    assert cuda_backend.SM90_VALIDATED == {}
+    cap = torch.cuda.get_device_capability(gpu_device)
+    kernel, why = cuda_backend.kernel_choice(gpu_device, torch.bfloat16, 64, 256)
+    assert kernel == ("mma" if cap >= (8, 0) else "simt")
+    if cap == (9, 0) and cuda_backend.sm90_built():
+        assert "not validated" in why
+        monkeypatch.setitem(cuda_backend.SM90_VALIDATED, ((9, 0), torch.bfloat16), "benchmarks/results/x.json")
+        assert cuda_backend.kernel_choice(gpu_device, torch.bfloat16, 64, 256)[0] == "sm90"
+        assert cuda_backend.kernel_choice(gpu_device, torch.float16, 64, 256)[0] == "mma"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["sm90", "mma"])
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
-def test_tc_matches_simt(gpu_device, kernel_env, dtype):
-    """Same inputs through both paths: fp32 accumulation in both, so they agree to output rounding."""
-    _needs_sm80(gpu_device)
+def test_tensor_cores_match_simt(gpu_device, kernel_env, kernel, dtype):
+    """Same inputs through a tensor-core family and SIMT: fp32 accumulation in both, so they agree to
+    output rounding."""
+    _needs(kernel, gpu_device)
     p = Problem(2, 96, 80, 21, 35, (3, 9, 27))
     x, w1, w3, scale, shift = make_problem(p, dtype, gpu_device, channels_last=True, epilogue=True, seed=6)
     outs = []
-    for kernel in ("tc", "simt"):
-        kernel_env(kernel)
-        outs.append(resaspp_ops._C.forward(x, w1, w3, list(p.rates), scale, shift, True).float())
+    for k in (kernel, "simt"):
+        kernel_env(k)
+        outs.append(cuda_backend.forward(x, w1, w3, p.rates, scale, shift, True).float())
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(outs[0], outs[1], rtol=2 * eps, atol=2 * eps * float(outs[1].abs().max()))
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["tc", "simt"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_rate_past_int32_is_not_wrapped(gpu_device, kernel_env, kernel):
     """A rate past 2^31 behaves like any rate past the map (every off-centre tap is padding); it
-    must not wrap around in the int tap table (2^32 + 1 would become rate 1)."""
-    if kernel == "tc":
-        _needs_sm80(gpu_device)
+    must not wrap around in the int tap offsets (2^32 + 1 would become rate 1)."""
+    _needs(kernel, gpu_device)
     kernel_env(kernel)
     p = Problem(2, 16, 8, 7, 9, (2, 2**32 + 1))
     x, w1, w3, scale, shift = make_problem(p, torch.float16, gpu_device, channels_last=True, epilogue=True, seed=7)
     g = torch.randn((p.n, 3 * p.co, p.h, p.w), device=gpu_device, dtype=torch.float16)
-    huge, past = [2, 2**32 + 1], [2, 1000]
-    y_huge = resaspp_ops._C.forward(x, w1, w3, huge, scale, shift, True)
-    y_past = resaspp_ops._C.forward(x, w1, w3, past, scale, shift, True)
-    assert torch.equal(y_huge, y_past)
-    for a, b in zip(resaspp_ops._C.backward(g, x, w1, w3, huge, True, True),
-                    resaspp_ops._C.backward(g, x, w1, w3, past, True, True)):
+    huge, past = (2, 2**32 + 1), (2, 1000)
+    assert torch.equal(cuda_backend.forward(x, w1, w3, huge, scale, shift, True),
+                       cuda_backend.forward(x, w1, w3, past, scale, shift, True))
+    for a, b in zip(cuda_backend.backward(g, x, w1, w3, huge, True, True),
+                    cuda_backend.backward(g, x, w1, w3, past, True, True)):
         assert torch.equal(a, b)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["tc", "simt"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_relu_propagates_nan(gpu_device, kernel_env, kernel):
     """The fused ReLU keeps NaN like torch.relu (a NaN must not turn into 0)."""
-    if kernel == "tc":
-        _needs_sm80(gpu_device)
+    _needs(kernel, gpu_device)
     kernel_env(kernel)
     p = Problem(1, 16, 8, 5, 6, (1, 2))
     x, w1, w3, _, _ = make_problem(p, torch.float16, gpu_device, channels_last=True, seed=8)
     x[0, 3, 2, 4] = float("nan")
-    y = resaspp_ops._C.forward(x, w1, w3, list(p.rates), None, None, True)
+    y = cuda_backend.forward(x, w1, w3, p.rates, None, None, True)
     ref = float64_reference(x, w1, w3, p.rates, None, None, True)
     assert torch.equal(torch.isnan(y).cpu(), torch.isnan(ref).cpu())
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["tc", "simt"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_side_stream_and_other_device(gpu_device, kernel_env, kernel):
     """The kernels run on the current stream of the tensors' device (not the default stream, not the
     current device): same bits on a side stream and, with two GPUs, on the other one."""
-    if kernel == "tc":
-        _needs_sm80(gpu_device)
+    _needs(kernel, gpu_device)
     kernel_env(kernel)
     p = Problem(2, 24, 16, 11, 13, (1, 4, 12))
     x, w1, w3, scale, shift = make_problem(p, torch.bfloat16, gpu_device, channels_last=True, epilogue=True, seed=9)
     g = torch.randn((p.n, 4 * p.co, p.h, p.w), device=gpu_device, dtype=torch.bfloat16)
-    want_y = resaspp_ops._C.forward(x, w1, w3, list(p.rates), scale, shift, True)
-    want_g = resaspp_ops._C.backward(g, x, w1, w3, list(p.rates), True, True)
+    want_y = cuda_backend.forward(x, w1, w3, p.rates, scale, shift, True)
+    want_g = cuda_backend.backward(g, x, w1, w3, p.rates, True, True)
     side = torch.cuda.Stream(device=gpu_device)
     side.wait_stream(torch.cuda.current_stream(gpu_device))
     with torch.cuda.stream(side):
-        got_y = resaspp_ops._C.forward(x, w1, w3, list(p.rates), scale, shift, True)
-        got_g = resaspp_ops._C.backward(g, x, w1, w3, list(p.rates), True, True)
+        got_y = cuda_backend.forward(x, w1, w3, p.rates, scale, shift, True)
+        got_g = cuda_backend.backward(g, x, w1, w3, p.rates, True, True)
     side.synchronize()
     assert torch.equal(got_y, want_y)
     for a, b in zip(got_g, want_g):
@@ -372,15 +635,35 @@ def test_side_stream_and_other_device(gpu_device, kernel_env, kernel):
     if torch.cuda.device_count() < 2:
         return
     other = torch.device("cuda", (gpu_device.index + 1) % torch.cuda.device_count())
-    if kernel == "tc" and torch.cuda.get_device_capability(other)[0] < 8:
+    try:
+        _needs(kernel, other)
+    except pytest.skip.Exception:
         return
     moved = [t.to(other) for t in (x, w1, w3, scale, shift, g)]
     with torch.cuda.device(gpu_device):  # the current device is not the tensors' device
-        y1 = resaspp_ops._C.forward(*moved[:3], list(p.rates), moved[3], moved[4], True)
-        g1 = resaspp_ops._C.backward(moved[5], *moved[:3], list(p.rates), True, True)
+        y1 = cuda_backend.forward(*moved[:3], p.rates, moved[3], moved[4], True)
+        g1 = cuda_backend.backward(moved[5], *moved[:3], p.rates, True, True)
     torch.cuda.synchronize(other)
     assert y1.device == other
     eps = torch.finfo(torch.bfloat16).eps  # the other GPU may be another model: agree to output rounding
     for a, b in zip((y1, *g1), (want_y, *want_g)):
         b = b.float()
         torch.testing.assert_close(a.to(gpu_device).float(), b, rtol=2 * eps, atol=2 * eps * float(b.abs().max()))
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["sm90", "mma"])
+def test_input_past_2_31_elements(gpu_device, kernel_env, kernel):
+    """tests/test_determinism.py's 64-bit offset case (x of 2^31 + a few elements) on each tensor-core family."""
+    from test_determinism import _check_corner
+
+    _needs(kernel, gpu_device)
+    kernel_env(kernel)
+    c, co, r, n, h, w = 2048, 8, 3, 1, 1025, 1025
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, w, device=gpu_device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w1 = torch.randn(co, c, 1, 1, device=gpu_device, dtype=torch.bfloat16) / c**0.5
+    w3 = torch.randn(1, co, c, 3, 3, device=gpu_device, dtype=torch.bfloat16) / (9 * c) ** 0.5
+    _check_corner(x, w1, w3, r, "cuda")
+    torch.cuda.empty_cache()

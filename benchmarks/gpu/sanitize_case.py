@@ -1,45 +1,73 @@
-"""A small forward and backward through every GPU kernel path, for compute-sanitizer.
+"""A small forward and backward of every fused kernel, for compute-sanitizer (benchmarks/gpu/validate.sh):
 
     compute-sanitizer --tool memcheck  python benchmarks/gpu/sanitize_case.py [BACKEND ...]
     compute-sanitizer --tool racecheck python benchmarks/gpu/sanitize_case.py [BACKEND ...]
 
-BACKEND: cuda, triton (the Triton kernels' second design) and/or triton-v1 (the first); default: all three.
-One backend a run keeps a report on one from being mistaken for the other (racecheck may not model Triton's
-asynchronous copies and warpgroup MMAs).
-Exits non-zero if the cuda backend cannot run here or a backend name is unknown.
+BACKEND: cuda (every kernel family of the cuda backend in turn: sm90, mma, simt), cuda:sm90, cuda:mma,
+cuda:simt, triton (the Triton kernels' second design) and/or triton-v1 (the first); default: cuda, triton and
+triton-v1. One backend a run keeps a report on one from being mistaken for the other (racecheck may not model
+Triton's asynchronous copies and warpgroup MMAs). A cuda family that cannot run a case here (no sm_90 GPU, a
+dtype it does not take) is reported as skipped with the reason. Exits non-zero if the cuda backend cannot run
+here, if a family named explicitly runs nothing, or if a name is unknown.
 """
 import contextlib
+import os
 import sys
 
 import torch
 
 import resaspp_ops
 from resaspp_ops import backend as backend_registry
+from resaspp_ops.backend import cuda as cuda_backend
 from resaspp_ops.backend import triton as triton_backend
 
 # Odd sizes on purpose: partial tiles, channel counts off the block sizes, rates past the map. The first two
-# take the cuda backend's tensor-core kernels in fp16/bf16 (C and Co multiples of 8), the third its SIMT ones.
-PROBLEMS = [(2, 24, 16, 11, 13, (1, 3, 17)), (1, 64, 32, 9, 9, (2, 4, 6, 8)), (1, 13, 6, 7, 10, (1, 5))]
+# take the tensor-core kernels in fp16/bf16 (C and Co multiples of 8; the second stacks two images a tile
+# for the sm90 ones), the third only the SIMT ones.
+PROBLEMS = [(2, 24, 16, 11, 13, (1, 3, 17)), (2, 64, 32, 5, 9, (2, 4, 6, 8)), (1, 13, 6, 7, 10, (1, 5))]
+CUDA_FAMILIES = ("sm90", "mma", "simt")
+KNOWN = ("cuda", *(f"cuda:{f}" for f in CUDA_FAMILIES), "triton", "triton-v1")
+
+
+def _runs(names):
+    """(label, backend, cuda kernel family or None, context) for each run the names ask for."""
+    for name in names:
+        if name == "cuda":
+            for family in CUDA_FAMILIES:
+                yield f"cuda:{family}", "cuda", family, contextlib.nullcontext()
+        elif name.startswith("cuda:"):
+            yield name, "cuda", name.split(":", 1)[1], contextlib.nullcontext()
+        else:
+            version = "v1" if name == "triton-v1" else "v2"
+            yield name, "triton", None, triton_backend.use_kernel_version(version)
 
 
 def main(argv) -> int:
     names = argv or ["cuda", "triton", "triton-v1"]
-    if any(n not in ("cuda", "triton", "triton-v1") for n in names):
-        print(f"unknown backend in {names}; choose cuda, triton and/or triton-v1", file=sys.stderr)
+    if any(n not in KNOWN for n in names):
+        print(f"unknown backend in {names}; choose from {', '.join(KNOWN)}", file=sys.stderr)
         return 2
     device = torch.device("cuda")
     failures = 0
-    for label in names:
-        name, version = ("triton", "v1") if label == "triton-v1" else (label, "v2")
-        design = triton_backend.use_kernel_version(version) if name == "triton" else contextlib.nullcontext()
-        with design:
-            failures += _run(name, label, device)
+    for label, name, family, context in _runs(names):
+        if family is not None:
+            os.environ["RESASPP_CUDA_KERNEL"] = family  # the cuda backend reads it at every call
+        try:
+            with context:
+                ran, failed = _run(name, label, family, device)
+        finally:
+            os.environ.pop("RESASPP_CUDA_KERNEL", None)
+        failures += failed
+        if ran == 0 and label in names and family is not None:
+            print(f"{label}: named explicitly but ran nothing here", file=sys.stderr)
+            failures += 1
     return 1 if failures else 0
 
 
-def _run(name: str, label: str, device: torch.device) -> int:
-    """Every problem in every dtype through backend `name`; the failures (a cuda backend that cannot run)."""
-    failures = 0
+def _run(name: str, label: str, family, device: torch.device) -> tuple[int, int]:
+    """Every problem in every dtype through backend `name`: (cases run, failures: a cuda backend that cannot
+    run)."""
+    ran = failures = 0
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         status = backend_registry.status(name, device, dtype)
         if not status.available:
@@ -47,6 +75,12 @@ def _run(name: str, label: str, device: torch.device) -> int:
             failures += name == "cuda"
             continue
         for n, c, co, h, w, rates in PROBLEMS:
+            if family is not None:
+                try:
+                    cuda_backend.kernel_choice(device, dtype, c, co)
+                except RuntimeError as exc:
+                    print(f"skip {label} {dtype} {(n, c, co, h, w, rates)}: {exc}")
+                    continue
             x = torch.randn(n, c, h, w, device=device, dtype=dtype, requires_grad=True)
             w1 = torch.randn(co, c, 1, 1, device=device, dtype=dtype, requires_grad=True)
             w3 = torch.randn(len(rates), co, c, 3, 3, device=device, dtype=dtype, requires_grad=True)
@@ -56,7 +90,8 @@ def _run(name: str, label: str, device: torch.device) -> int:
             y.float().square().sum().backward()
             torch.cuda.synchronize()
             print(f"ok {label} {dtype} {(n, c, co, h, w, rates)}")
-    return failures
+            ran += 1
+    return ran, failures
 
 
 if __name__ == "__main__":

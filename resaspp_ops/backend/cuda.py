@@ -1,16 +1,34 @@
 """CUDA C++ backend: the kernels of csrc/, compiled into resaspp_ops._C by setup.py.
 
-Which kernels run is decided in C++ at every call (csrc/multi_rate_conv2d_tc_conv.cu,
-tensor_cores_apply): the tensor-core kernels for float16/bfloat16 when C and Co are multiples of 8
-on an sm_80 or newer GPU, the SIMT kernels otherwise (float32, float64, other shapes). The
-environment variable RESASPP_CUDA_KERNEL picks a path: "auto" (default), "simt" (always SIMT, for
-debugging and comparison) or "tc" (tensor cores, an error where they do not apply).
+Three kernel families; which one runs is decided here at every call (kernel_choice), never at import:
+
+    sm90  warpgroup MMA fed by TMA (csrc/sm90_*.cu): builds whose arch list names 9.0 (sm_90a), on an
+          sm_90 GPU, fp16 / bf16 with C and Co multiples of 8 and Co <= 256
+    mma   ldmatrix + mma.sync, 64 x 64 warp tiles (csrc/multi_rate_conv2d_mma_*.cu): sm_80 and newer,
+          fp16 / bf16, and fp32 as TF32 where PyTorch's cuDNN switch allows TF32 (torch.backends.cudnn
+          .allow_tf32, or cudnn.conv.fp32_precision), C and Co multiples of 8
+    simt  exact fp32 / fp64 FMAs (csrc/multi_rate_conv2d_simt.cu): everything else
+
+RESASPP_CUDA_KERNEL (read at every call) picks: "auto" (default), "sm90", "mma" or "simt"; a named family
+that cannot run the call raises with the reason, never a silent stand-in. "auto" takes sm90 only for an
+(arch, dtype) that a committed GPU run has validated (SM90_VALIDATED, empty until one has), then mma,
+then simt.
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
+
+from resaspp_ops.backend import mma_plan, sm90_plan
+
+KERNELS = ("auto", "sm90", "mma", "simt")
+
+# (compute capability, dtype) -> the committed evidence (benchmarks/results/...) that the sm90 kernels
+# passed `pytest -m cuda` and compute-sanitizer there. "auto" chooses them only for these entries; the
+# GPU-validation issue fills it. Until then they run when asked for (RESASPP_CUDA_KERNEL=sm90).
+SM90_VALIDATED: dict = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,13 +57,129 @@ def availability(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
         return False, "no CUDA device is visible"
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return False, f"{dtype} is not supported"
-    return True, "resaspp_ops._C kernels (tensor cores for fp16/bf16 with C, Co % 8 == 0 on sm_80+; SIMT otherwise)"
+    return True, "resaspp_ops._C kernels (sm90 / mma / simt, chosen per call: RESASPP_CUDA_KERNEL)"
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def tf32_convolutions() -> bool:
+    """Whether PyTorch lets fp32 convolutions use TF32 (what cuDNN would do with the same tensors)."""
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # the new API set convolutions and RNNs apart: the convolutions' flag decides
+        return torch.backends.cudnn.conv.fp32_precision == "tf32"
+
+
+def sm90_built() -> bool:
+    module = extension()
+    return bool(getattr(module, "sm90_built", False))
+
+
+def _why_not(kernel: str, capability, dtype: torch.dtype, c: int, co: int) -> str | None:
+    """Why `kernel` cannot run these tensors, or None when it can."""
+    if kernel == "simt":
+        return None
+    shape = None if c % 8 == 0 and co % 8 == 0 else f"C and Co must be multiples of 8 (got C={c}, Co={co})"
+    if kernel == "sm90":
+        if not sm90_built():
+            return "resaspp_ops._C was built without the sm_90a kernels (see `resaspp info`)"
+        if capability != (9, 0):
+            return f"needs an sm_90 GPU, got sm_{capability[0]}{capability[1]}"
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"takes float16 or bfloat16, got {dtype}"
+        if co > sm90_plan.BLOCK_N:
+            return f"takes Co <= {sm90_plan.BLOCK_N}, got {co}"
+        return shape
+    if capability < (8, 0):
+        return f"needs an sm_80 or newer GPU, got sm_{capability[0]}{capability[1]}"
+    if dtype == torch.float32 and not tf32_convolutions():
+        return "float32 with TF32 disallowed (torch.backends.cudnn.allow_tf32 = False) runs exact fp32 (simt)"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"takes float16, bfloat16 or float32 (as TF32), got {dtype}"
+    return shape
+
+
+def kernel_choice(device: torch.device, dtype: torch.dtype, c: int, co: int) -> tuple[str, str]:
+    """(kernel family, why) for tensors of this device, dtype and channel counts; RuntimeError where
+    RESASPP_CUDA_KERNEL names a family that cannot run them."""
+    env = os.environ.get("RESASPP_CUDA_KERNEL", "").strip() or "auto"
+    if env not in KERNELS:
+        raise RuntimeError(f"RESASPP_CUDA_KERNEL must be one of {', '.join(KERNELS)}, got {env!r}")
+    capability = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    if env != "auto":
+        why = _why_not(env, capability, dtype, c, co)
+        if why is not None:
+            raise RuntimeError(f"RESASPP_CUDA_KERNEL={env} cannot run these tensors: {why}")
+        return env, "RESASPP_CUDA_KERNEL"
+    sm90_why = _why_not("sm90", capability, dtype, c, co)
+    if sm90_why is None and (capability, dtype) in SM90_VALIDATED:
+        return "sm90", f"validated on this arch and dtype ({SM90_VALIDATED[(capability, dtype)]})"
+    mma_why = _why_not("mma", capability, dtype, c, co)
+    if mma_why is None:
+        return "mma", "sm90: " + (sm90_why or "not validated on a GPU yet (SM90_VALIDATED is empty)")
+    return "simt", f"mma: {mma_why}"
+
+
+def kernel_status() -> str:
+    """A line for `resaspp info`: the sm90 build, and what "auto" does with it."""
+    try:
+        from resaspp_ops._build_config import BUILD_CONFIG
+    except ImportError:
+        BUILD_CONFIG = None
+    info = (BUILD_CONFIG or {}).get("sm90") or {}
+    if extension() is None:
+        return "cuda kernels: resaspp_ops._C not built"
+    built = sm90_built()
+    head = f"sm90 kernels: {'built' if built else 'not built'} ({info.get('reason', 'no build record')})"
+    if not built:
+        return head + "; auto runs mma, then simt"
+    validated = ", ".join(f"sm_{cap[0]}{cap[1]} {str(dtype).replace('torch.', '')} ({evidence})"
+                          for (cap, dtype), evidence in SM90_VALIDATED.items())
+    return head + ("; auto runs them for " + validated if validated else
+                   "; auto does not run them yet: no committed GPU run has validated an (arch, dtype) "
+                   "(SM90_VALIDATED in resaspp_ops/backend/cuda.py); RESASPP_CUDA_KERNEL=sm90 runs them")
+
+
+def _sm90_tables(kind, x, co, rates):
+    n, c, h, w = x.shape
+    p = sm90_plan.plan(kind, n, c, co, h, w, tuple(rates), _sm_count(x.device.index))
+    t = p.device_tensors(x.device)
+    tables = [t["jobs"], t["queues"], t["masks"], t["tap_offsets"], t["tap_entries"]]
+    return tables, [p.tiles.tile_h, p.tiles.tile_w, p.tiles.stack]
 
 
 def forward(x, w1x1, w3x3, rates, scale, shift, relu):
-    return extension().forward(x, w1x1, w3x3, list(rates), scale, shift, relu)
+    n, c, h, w = x.shape
+    co = w1x1.shape[0]
+    kernel, _ = kernel_choice(x.device, x.dtype, c, co)
+    tables, tile = [], []
+    if kernel == "sm90":
+        tables, tile = _sm90_tables("forward", x, co, rates)
+    elif kernel == "mma":
+        tables, tile = mma_plan.device_tables("forward", n, c, h, w, tuple(rates), x.device)
+    return extension().forward(x, w1x1, w3x3, list(rates), scale, shift, relu, kernel, tables, tile)
 
 
 def backward(grad, x, w1x1, w3x3, rates, need_x, need_w):
-    grad_x, grad_w1x1, grad_w3x3 = extension().backward(grad, x, w1x1, w3x3, list(rates), need_x, need_w)
+    n, c, h, w = x.shape
+    co = w1x1.shape[0]
+    kernel, _ = kernel_choice(x.device, x.dtype, c, co)
+    dgrad, dtile, wgrad, wtile = [], [], [], []
+    if kernel == "sm90":
+        if need_x:
+            dgrad, dtile = _sm90_tables("dgrad", x, co, rates)
+        if need_w:
+            wgrad, wtile = _sm90_tables("wgrad", x, co, rates)
+    elif kernel == "mma" and need_x:
+        dgrad, dtile = mma_plan.device_tables("dgrad", n, c, h, w, tuple(rates), x.device)
+    grad_x, grad_w1x1, grad_w3x3 = extension().backward(grad, x, w1x1, w3x3, list(rates), need_x, need_w, kernel,
+                                                         dgrad, dtile, wgrad, wtile)
     return grad_x, grad_w1x1, grad_w3x3

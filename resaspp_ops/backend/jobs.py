@@ -20,6 +20,14 @@ the host once and cached (job_plan, device_jobs).
         tile    row-major index of the tile in the tiles_h x tiles_w grid of one image
         branch  0 for the 1x1, 1 + i for rates[i]
         taps    bit ky * 3 + kx set for each live tap (the 1x1: bit 4)
+
+The backward's lists are built from the same plan: dgrad_jobs (a tile's input-channel blocks, every
+branch's live taps in one K loop; a tap there reads the grad at p - d, so its mask is the forward mask
+mirrored), wgrad_jobs with tap_tiles (per tap, the tiles where it reads inside the map: the K walk of
+its weight grad). lpt_queues splits a cost-sorted list over a persistent grid.
+
+Taps are numbered as the packed weights of the kernels: t = 0 the 1x1, t = 1 + 9 i + ky * 3 + kx for
+(ky, kx) of rates[i].
 """
 from __future__ import annotations
 
@@ -35,6 +43,22 @@ ALL_TAPS = 0x1FF
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def choose_tile(n: int, h: int, w: int, slots: int) -> tuple[int, int, int]:
+    """(tile_h, tile_w, stack) for jobs of at most `slots` pixel rows: the fewest tiles of one image (least
+    padding work: 33 x 33 takes 9 tiles of 11 x 11 at 128 slots, where 8 x 16 would take 15), then the
+    squarest (more taps skipped per tile); when the whole map fits, as many images stacked as fit."""
+    best = None
+    for th in range(1, slots + 1):
+        tw = slots // th
+        eh, ew = min(th, h), min(tw, w)
+        key = (cdiv(h, th) * cdiv(w, tw), abs(eh - ew))
+        if best is None or key < best[0]:
+            best = (key, max(eh, 1), max(ew, 1))
+    _, th, tw = best
+    stack = max(1, min(n, slots // (th * tw))) if th >= h and tw >= w else 1
+    return th, tw, stack
 
 
 def live_taps(h: int, w: int, h0: int, h1: int, w0: int, w1: int, rate: int) -> int:
@@ -111,6 +135,108 @@ def job_plan(n: int, h: int, w: int, rates: tuple, tile_h: int, tile_w: int, sta
             rows.extend((image, tile, branch, taps) for branch, taps in ordered)
     jobs = np.array(rows, dtype=np.int32).reshape(-1, 4)
     return JobPlan(n, h, w, tuple(rates), tile_h, tile_w, stack, jobs)
+
+
+def mirror(mask: int) -> int:
+    """Bit k -> bit 8 - k: tap (ky, kx) -> (2 - ky, 2 - kx), whose offset is the negated one."""
+    return int(sum(1 << (8 - k) for k in range(9) if mask >> k & 1))
+
+
+def popcount(mask: int) -> int:
+    return bin(int(mask)).count("1")
+
+
+@functools.lru_cache(maxsize=512)
+def tile_masks(plan: JobPlan) -> np.ndarray:
+    """int32 [tiles, 1 + B]: the forward live-tap mask of each tile and branch (the jobs' `taps`)."""
+    out = np.zeros((plan.tiles_h * plan.tiles_w, 1 + len(plan.rates)), dtype=np.int32)
+    for tile in range(out.shape[0]):
+        h0, h1, w0, w1 = plan.tile_bounds(tile)
+        out[tile, 0] = 1 << CENTRE_TAP
+        for i, r in enumerate(plan.rates):
+            out[tile, 1 + i] = live_taps(plan.h, plan.w, h0, h1, w0, w1, r)
+    out.setflags(write=False)
+    return out
+
+
+@functools.lru_cache(maxsize=512)
+def dgrad_masks(plan: JobPlan) -> np.ndarray:
+    """int32 [tiles, 1 + B]: the taps whose grad_x contribution is not wholly zero on each tile.
+
+    grad_x[p] = sum over taps of grad_b[p - d] W^T: tap (ky, kx) reads the grad shifted by -d, which is
+    the forward read of tap (2 - ky, 2 - kx): the forward mask mirrored."""
+    out = np.vectorize(mirror, otypes=[np.int32])(tile_masks(plan)).astype(np.int32)
+    out.setflags(write=False)
+    return out
+
+
+@functools.lru_cache(maxsize=512)
+def dgrad_jobs(plan: JobPlan, c_blocks: int) -> np.ndarray:
+    """int32 [J, 4] = (image, tile, c_block, live taps of all branches): one job per stacked image group,
+    tile and block of input channels; tiles heaviest first, a tile's c_blocks adjacent (they read the same
+    grad boxes), ties in image, tile, block order."""
+    masks = dgrad_masks(plan)
+    cost = np.array([sum(popcount(m) for m in row) for row in masks.tolist()], dtype=np.int64)
+    order = sorted(range(masks.shape[0]), key=lambda t: -cost[t])
+    rows = [(image, tile, cb, int(cost[tile])) for tile in order for image in range(0, plan.n, plan.stack)
+            for cb in range(c_blocks)]
+    out = np.array(rows, dtype=np.int32).reshape(-1, 4)
+    out.setflags(write=False)
+    return out
+
+
+@functools.lru_cache(maxsize=512)
+def tap_tiles(plan: JobPlan) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets int32 [T + 1], entries int32 [E, 2] = (image, tile)): for each tap t, the stacked image
+    groups and tiles where it reads inside the map, in image-major, tile order (the fixed K order of its
+    weight grad). A tap that is padding everywhere has none."""
+    masks = tile_masks(plan)
+    groups = range(0, plan.n, plan.stack)
+    offsets, entries = [0], []
+    for t in range(1 + 9 * len(plan.rates)):
+        branch, bit = (0, CENTRE_TAP) if t == 0 else (1 + (t - 1) // 9, (t - 1) % 9)
+        live = [tile for tile in range(masks.shape[0]) if masks[tile, branch] >> bit & 1]
+        entries.extend((image, tile) for image in groups for tile in live)
+        offsets.append(len(entries))
+    off = np.array(offsets, dtype=np.int32)
+    ent = np.array(entries, dtype=np.int32).reshape(-1, 2)
+    off.setflags(write=False)
+    ent.setflags(write=False)
+    return off, ent
+
+
+@functools.lru_cache(maxsize=512)
+def wgrad_jobs(plan: JobPlan, co_blocks: int, c_blocks: int) -> np.ndarray:
+    """int32 [J, 4] = (tap, co_block, c_block, K steps): every output block of every tap's weight grad
+    (a dead tap's blocks too, with 0 steps: they write zeros); heaviest taps first, a tap's blocks adjacent
+    (they share its grad and input boxes)."""
+    off, _ = tap_tiles(plan)
+    steps = np.diff(off.astype(np.int64))
+    order = sorted(range(len(steps)), key=lambda t: -steps[t])
+    rows = [(t, cob, cb, int(steps[t])) for t in order for cob in range(co_blocks) for cb in range(c_blocks)]
+    out = np.array(rows, dtype=np.int32).reshape(-1, 4)
+    out.setflags(write=False)
+    return out
+
+
+def lpt_queues(costs: np.ndarray, workers: int) -> np.ndarray:
+    """int32 [G + 1 + J]: a persistent grid's queues over a cost-sorted list, G = min(workers, J).
+
+    Jobs are dealt in list order, each to the program with the least work so far (ties: the lowest id),
+    so the heaviest go first and neighbours in the list run at about the same time. Layout: offsets[G + 1]
+    into the job indices that follow, program g running indices[offsets[g]:offsets[g + 1]] in order."""
+    import heapq
+
+    costs = np.asarray(costs, dtype=np.int64)
+    g = max(1, min(int(workers), len(costs)))
+    heap = [(0, i) for i in range(g)]
+    queues = [[] for _ in range(g)]
+    for j, c in enumerate(costs.tolist()):
+        load, i = heapq.heappop(heap)
+        queues[i].append(j)
+        heapq.heappush(heap, (load + c, i))
+    offsets = np.cumsum([0] + [len(q) for q in queues])
+    return np.concatenate([offsets, [j for q in queues for j in q]]).astype(np.int32)
 
 
 @functools.lru_cache(maxsize=512)

@@ -1,0 +1,191 @@
+"""The host-side plans of the sm_90a kernels (resaspp_ops.backend.sm90_plan): work lists, job order,
+persistent queues, TMA boxes and K steps, checked by a NumPy emulation of the kernels (tests/sm90_emulation.py)
+that walks exactly those steps and must reproduce F.conv2d in float64; and the C++ step walk of the
+kernels (csrc/sm90_plan.h, run on the host by _C.sm90_steps) against the Python one."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sm90_emulation as E
+from resaspp_ops.backend import jobs as J
+from resaspp_ops.backend import sm90_plan as P
+from utils import AWKWARD, Problem
+
+# DESIGN.md section 5's awkward shapes, plus a voc-like map with several programs per queue, stacked
+# small maps (an odd batch leaves the last stack half outside the tensor), C past one block and Co
+# past one wgrad block (the forward takes Co <= 256).
+SHAPES = AWKWARD + [Problem(3, 24, 16, 33, 33, (6, 12, 18)), Problem(5, 8, 8, 4, 6, (1, 3)),
+                    Problem(1, 264, 200, 6, 9, (1, 3)), Problem(2, 16, 8, 3, 150, (2, 40))]
+PROGRAMS = 7  # fewer than the jobs: every queue holds several
+
+
+def _random(p: Problem, seed=0):
+    rng = np.random.default_rng(seed)
+    b = len(p.rates)
+    x = rng.standard_normal((p.n, p.h, p.w, p.c))
+    w1 = rng.standard_normal((p.co, p.c))
+    w3 = rng.standard_normal((b, 3, 3, p.co, p.c))
+    g = rng.standard_normal((p.n, p.h, p.w, 1 + b, p.co))
+    return x, w1, w3, g
+
+
+def _torch_convs(p, x, w1, w3):
+    """The branch convolutions as F.conv2d (float64, NCHW), over leaf tensors that take grads."""
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).clone().requires_grad_()
+    w1t = torch.from_numpy(w1).clone().requires_grad_()
+    w3t = torch.from_numpy(w3).clone().requires_grad_()
+    outs = [F.conv2d(xt, w1t[:, :, None, None])]
+    outs += [F.conv2d(xt, w3t[i].permute(2, 3, 0, 1), padding=r, dilation=r) for i, r in enumerate(p.rates)]
+    return torch.cat(outs, 1), (xt, w1t, w3t)
+
+
+@pytest.mark.parametrize("problem", SHAPES, ids=str)
+def test_emulated_kernels_reproduce_conv2d(problem):
+    p = problem
+    x, w1, w3, g = _random(p)
+    y, (xt, w1t, w3t) = _torch_convs(p, x, w1, w3)
+    fwd = P.plan("forward", p.n, p.c, p.co, p.h, p.w, p.rates, PROGRAMS)
+    out, count = E.forward(fwd, x, w1, w3)
+    assert (count == 1).all(), "forward: an output element written other than once"
+    np.testing.assert_allclose(out, y.detach().permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-11)
+    if p.n == 0:
+        return
+    gt = torch.from_numpy(g.reshape(p.n, p.h, p.w, -1)).permute(0, 3, 1, 2)
+    gx, gw1, gw3 = torch.autograd.grad(y, (xt, w1t, w3t), gt)
+    dg = P.plan("dgrad", p.n, p.c, p.co, p.h, p.w, p.rates, PROGRAMS)
+    out, count = E.dgrad(dg, g, w1, w3)
+    assert (count == 1).all(), "dgrad: a grad_x element written other than once"
+    np.testing.assert_allclose(out, gx.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-11)
+    wg = P.plan("wgrad", p.n, p.c, p.co, p.h, p.w, p.rates, PROGRAMS)
+    out, count = E.wgrad(wg, g, x)
+    assert (count == 1).all(), "wgrad: a weight-grad element written other than once"
+    want = np.concatenate([gw1.numpy()[None], gw3.numpy().reshape(-1, p.co, p.c)])
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-10)
+
+
+def test_an_over_eager_skip_breaks_the_emulation():
+    """The emulation is sharp: dropping one live tap of one job changes the result."""
+    p = Problem(2, 8, 8, 9, 13, (1, 2, 3))
+    x, w1, w3, _ = _random(p)
+    fwd = P.plan("forward", p.n, p.c, p.co, p.h, p.w, p.rates, PROGRAMS)
+    jobs = fwd.jobs.copy()
+    j = int(np.argmax([J.popcount(t) for t in jobs[:, 3]]))
+    jobs[j, 3] &= jobs[j, 3] - 1  # clear the lowest live tap
+    broken = P.Sm90Plan(**{**fwd.__dict__, "jobs": jobs})
+    out, _ = E.forward(broken, x, w1, w3)
+    y, _ = _torch_convs(p, x, w1, w3)
+    assert np.abs(out - y.detach().permute(0, 2, 3, 1).numpy()).max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["forward", "dgrad", "wgrad"])
+def test_queues_run_every_job_once_heaviest_first(kind):
+    p = P.plan(kind, 8, 2048, 256, 33, 33, (6, 12, 18), 132)
+    g = p.programs
+    assert g == min(132, p.jobs.shape[0])
+    off, order = p.queues[: g + 1], p.queues[g + 1:]
+    assert off[0] == 0 and off[-1] == p.jobs.shape[0] and (np.diff(off) >= 1).all()
+    assert sorted(order.tolist()) == list(range(p.jobs.shape[0]))
+    costs = p.costs()
+    assert (np.diff(costs) <= 0).all() or kind == "forward"  # forward: tiles heaviest first, see jobs.py
+    loads = [costs[order[off[i]:off[i + 1]]].sum() for i in range(g)]
+    assert max(loads) <= sum(loads) / g + costs.max()  # list scheduling's bound
+    for i in range(g):  # each queue runs its jobs in list order
+        q = order[off[i]:off[i + 1]]
+        assert (np.diff(q) > 0).all()
+
+
+def test_a_tiles_jobs_are_neighbours():
+    fwd = P.plan("forward", 4, 64, 32, 65, 65, (12, 24, 36), 132)
+    rows = fwd.jobs.reshape(-1, 4, 4)
+    assert (rows[:, :, :2] == rows[:, :1, :2]).all()  # each run of 1 + B jobs: one image, one tile
+    dg = P.plan("dgrad", 4, 1024, 32, 65, 65, (12, 24, 36), 132)
+    rows = dg.jobs.reshape(-1, 4, 4)  # 4 input-channel blocks of 256
+    assert (rows[:, :, :2] == rows[:, :1, :2]).all() and (rows[:, :, 2] == np.arange(4)).all()
+    wg = P.plan("wgrad", 4, 512, 256, 65, 65, (12, 24, 36), 132)
+    rows = wg.jobs.reshape(-1, 4, 4)  # 2 co blocks x 2 c blocks per tap
+    assert (rows[:, :, 0] == rows[:, :1, 0]).all()
+
+
+@pytest.mark.parametrize("problem", SHAPES, ids=str)
+def test_dgrad_masks_and_tap_tiles_against_brute_force(problem):
+    p = problem
+    tiles = P.plan("wgrad", p.n, p.c, p.co, p.h, p.w, p.rates, PROGRAMS).tiles
+    masks = J.dgrad_masks(tiles)
+    off, ent = J.tap_tiles(tiles)
+    for tile in range(masks.shape[0]):
+        h0, h1, w0, w1 = tiles.tile_bounds(tile)
+        for b, r in enumerate((0,) + p.rates):
+            for k in range(9):
+                dy, dx = P.tap_offset(r, k)
+                if b == 0 and k != J.CENTRE_TAP:
+                    continue
+                # dgrad reads the grad at p - d; the forward (and wgrad) reads x at p + d
+                reads_inside = lambda s: any(0 <= y + s * dy < p.h and 0 <= x + s * dx < p.w  # noqa: E731
+                                             for y in range(h0, h1) for x in range(w0, w1))
+                assert bool(masks[tile, b] >> k & 1) == reads_inside(-1)
+                t = 0 if b == 0 else 1 + 9 * (b - 1) + k
+                listed = {tuple(e) for e in ent[off[t]:off[t + 1]].tolist()}
+                want = {(i, tile) for i in range(0, p.n, tiles.stack)} if reads_inside(+1) else set()
+                assert {e for e in listed if e[1] == tile} == want
+
+
+@pytest.mark.parametrize("kind", ["forward", "dgrad", "wgrad"])
+def test_boxes_fit_tma_and_the_stage(kind):
+    """TMA: box extents <= 256, inner extent 128 bytes (the 128-byte swizzle's span); a stage's bytes fit
+    its 48 KiB slot (A 16 KiB, B 32 KiB)."""
+    for n, h, w in [(8, 33, 33), (2, 97, 97), (4, 8, 8), (1, 1, 1), (3, 3, 150), (2, 64, 128)]:
+        p = P.plan(kind, n, 64, 256, h, w, (6, 12, 18), 132)
+        for box in (p.box_x(), p.box_grad(), p.box_w1(), p.box_w3()):
+            assert all(1 <= e <= 256 for e in box) and box[0] * 2 == 128
+        rows = P.WGRAD_PIX if kind == "wgrad" else P.BLOCK_M
+        assert p.pixel_rows <= rows
+        assert p.stage_bytes() <= 48 * 1024
+
+
+def test_plans_are_cached_and_moved_to_a_device_once():
+    a = P.plan("forward", 2, 16, 8, 9, 9, (1, 2), 4)
+    assert P.plan("forward", 2, 16, 8, 9, 9, (1, 2), 4) is a
+    t = a.device_tensors("cpu")
+    assert t is a.device_tensors(torch.device("cpu")) and t["jobs"].dtype == torch.int32
+
+
+# ----------------------------------------------------------------------------------------------
+# The C++ step walk (csrc/sm90_plan.h, the code the kernels' producer warp runs) against the Python one
+# ----------------------------------------------------------------------------------------------
+
+def _extension():
+    if importlib.util.find_spec("resaspp_ops._C") is None:
+        pytest.skip("resaspp_ops._C is not built")
+    from resaspp_ops import _C
+    if not hasattr(_C, "sm90_steps"):
+        pytest.skip("resaspp_ops._C was built without the sm_90a kernels (see `resaspp info`)")
+    return _C
+
+
+def test_cpp_constants_match_the_plan():
+    C = _extension()
+    assert dict(C.sm90_constants) == {"block_m": P.BLOCK_M, "block_n": P.BLOCK_N, "block_k": P.BLOCK_K,
+                                      "wgrad_pix": P.WGRAD_PIX, "wgrad_m": P.WGRAD_M, "wgrad_n": P.WGRAD_N,
+                                      "stages": P.STAGES, "max_rate": P.MAX_RATE}
+
+
+@pytest.mark.parametrize("problem", SHAPES + [Problem(2, 64, 256, 13, 17, (1, 6, 2**32 + 1))], ids=str)
+@pytest.mark.parametrize("kind", ["forward", "dgrad", "wgrad"])
+def test_cpp_steps_and_rows_match_the_plan(problem, kind):
+    C = _extension()
+    p = problem
+    plan = P.plan(kind, p.n, p.c, p.co, p.h, p.w, p.rates, PROGRAMS)
+    t = plan.device_tensors("cpu")
+    steps, rows = C.sm90_steps(kind, t["jobs"], t["masks"], t["tap_offsets"], t["tap_entries"],
+                               list(p.rates), p.n, p.c, p.co, p.h, p.w, plan.tiles.tile_h, plan.tiles.tile_w,
+                               plan.tiles.stack)
+    want = [(j,) + a + (m,) + b for j in range(plan.jobs.shape[0]) for a, m, b in plan.steps(j)]
+    assert steps.tolist() == [list(s) for s in want]
+    pix = [(j, m) + (E.row_pixel(plan, int(plan.jobs[j, 0]), int(plan.jobs[j, 1]), m) or (-1, -1, -1))
+           for j in range(plan.jobs.shape[0]) if kind != "wgrad" for m in range(P.BLOCK_M)]
+    assert rows.tolist() == [list(r) for r in pix]
