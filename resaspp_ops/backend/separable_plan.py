@@ -1,0 +1,67 @@
+"""Host-side planning of the separable kernels (multi_rate_separable_conv2d), shared by the kernel backends.
+
+The separable op runs on the jobs of the second design (backend/jobs.py: a (tile, branch) with all Co, a
+tile's 1 + B jobs adjacent, live taps per job). Its kernels treat the 1x1 branch as one more depthwise-
+separable branch whose depthwise kernel is the identity (the centre tap 1, no mid stage), so that every
+branch is the same three stages over the same operands (DESIGN.md section 4, "Separable branches"):
+
+    D_b = depthwise_b(x)            [M, C] on the job's live taps, fp32 in registers
+    A_b = mid_b(D_b) cast to x's dtype     (scale, shift, ReLU per channel; the identity for b = 0)
+    Y_b = A_b @ Wpw_b               [M, Co], the pointwise MMA, then the epilogue of multi_rate_conv2d
+
+pack_weights builds those operands; branch_jobs splits a plan's jobs by branch for the backward's per-branch
+launches (the same tiles in the same order for every branch).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from resaspp_ops.backend.jobs import JobPlan
+
+
+class SeparableOperands(NamedTuple):
+    """The kernels' operands, every branch alike (branch 0 = the 1x1).
+
+    dw        [1+B, 9, C] fp32: depthwise taps, tap ky * 3 + kx; branch 0 is 1 at the centre, 0 elsewhere
+    pw        [1+B, C, Co] in x's dtype, K-major: branch 0 is w1x1, branch 1 + i is w_pw[i]
+    mid_scale [(1+B) * C] fp32 or None (branch 0: ones)
+    mid_shift [(1+B) * C] fp32 or None (branch 0: zeros)
+    """
+
+    dw: torch.Tensor
+    pw: torch.Tensor
+    mid_scale: torch.Tensor | None
+    mid_shift: torch.Tensor | None
+
+
+def pack_weights(w1x1, w_dw, w_pw, mid_scale, mid_shift) -> SeparableOperands:
+    """SeparableOperands from the op's weights: w1x1 [Co, C, 1, 1], w_dw [B, C, 1, 3, 3], w_pw [B, Co, C, 1, 1],
+    mid_scale / mid_shift None or [B*C]."""
+    co, c = w1x1.shape[:2]
+    b = w_dw.shape[0]
+    dw = torch.zeros((1 + b, 9, c), dtype=torch.float32, device=w1x1.device)
+    dw[0, 4] = 1.0
+    dw[1:] = w_dw.reshape(b, c, 9).permute(0, 2, 1).to(torch.float32)
+    pw = torch.cat([w1x1.reshape(1, co, c), w_pw.reshape(b, co, c)]).transpose(1, 2).contiguous()
+
+    def extended(t, fill):
+        if t is None:
+            return None
+        return torch.cat([torch.full((c,), fill, dtype=torch.float32, device=t.device), t.to(torch.float32)])
+
+    return SeparableOperands(dw, pw, extended(mid_scale, 1.0), extended(mid_shift, 0.0))
+
+
+@functools.lru_cache(maxsize=256)
+def branch_jobs(plan: JobPlan) -> np.ndarray:
+    """int32 [1+B, T, 4]: the plan's jobs of each branch (image, tile, branch, taps), tiles in (image, tile)
+    order, the same T tiles for every branch (every tile has one job a branch: each has at least its centre)."""
+    jobs = plan.jobs
+    order = np.lexsort((jobs[:, 1], jobs[:, 0], jobs[:, 2]))  # by branch, then image, then tile
+    per_branch = jobs[order].reshape(1 + len(plan.rates), -1, 4)
+    assert (per_branch[:, :, :2] == per_branch[:1, :, :2]).all(), "every branch must cover the same tiles"
+    return np.ascontiguousarray(per_branch)
