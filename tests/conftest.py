@@ -1,4 +1,7 @@
-"""Shared pytest setup: the `cuda` marker skips without a GPU; `device` runs a test on every device here."""
+"""Shared pytest setup: the `cuda` marker skips without a GPU; `device` runs a test on every device here;
+`triton_interpreter` runs a test module's Triton kernels through Triton's interpreter on the CPU."""
+import os
+
 import pytest
 import torch
 
@@ -27,3 +30,26 @@ def pytest_generate_tests(metafunc):
 def gpu_device():
     """The GPU of a cuda-marked test (such tests are skipped when none is visible)."""
     return torch.device("cuda", torch.cuda.current_device())
+
+
+@pytest.fixture(scope="module")
+def triton_interpreter():
+    """TRITON_INTERPRET=1 for a module's tests, set before the Triton kernels are first imported (Triton fixes
+    compiled-or-interpreted then; they stay so for the process) and restored after. Steps aside where a GPU is
+    visible: the compiled kernels are tested there, and a process holds only one kind."""
+    pytest.importorskip("triton")
+    from resaspp_ops.backend import triton as triton_backend
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the compiled kernels are tested there")
+    if triton_backend.kernels_mode() == "compiled":
+        pytest.skip("the Triton kernels were already loaded compiled in this process")
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous

@@ -54,3 +54,21 @@ def test_plans_are_cached_and_copied_to_a_device_once():
     assert job_plan(1, 7, 9, (2, 4), 4, 4) is a
     t = device_jobs(a, torch.device("cpu"))
     assert t.dtype == torch.int32 and t is device_jobs(a, "cpu") and t.shape == (a.n_jobs, 4)
+
+
+def test_separable_branch_jobs_cover_every_tile_once_per_branch_and_mirror_their_taps():
+    from resaspp_ops.backend.separable_plan import branch_job_lists, mirror_taps
+
+    plan = job_plan(3, 9, 13, (1, 2, 12), 4, 4, 1)
+    lists = branch_job_lists(plan)
+    assert lists.stacked.shape == (4, plan.n_jobs // 4, 4)
+    for branch, jobs in enumerate(lists.each):
+        assert (jobs[:, 2] == branch).all()
+        assert sorted(map(tuple, jobs.tolist())) == sorted(map(tuple, plan.jobs[plan.jobs[:, 2] == branch].tolist()))
+        assert (jobs[:, :2] == lists.each[0][:, :2]).all()   # the same tiles in the same order
+    # Mirroring: tap t of the transpose reads at p - offset(t) = p + offset(8 - t).
+    for jobs, mirrored in zip(lists.each, lists.mirrored):
+        for taps, back in zip(jobs[:, 3], mirrored[:, 3]):
+            assert all(((back >> t) & 1) == ((taps >> (8 - t)) & 1) for t in range(9))
+    assert mirror_taps(np.array([0b000000001, 0b000010000, 0b100000110])).tolist() == [0b100000000, 0b000010000,
+                                                                                         0b011000001]

@@ -181,11 +181,15 @@ def test_batch_of_one_in_training_names_the_pooling_batchnorm():
         mm(torch.randn(1, 8, 5, 5))
 
 
-def test_input_and_construction_errors():
+def test_input_and_construction_errors(monkeypatch):
     with pytest.raises(ValueError, match="built for 8 input channels, got 9"):
         FusedSeparableASPP(8, (1, 2, 3), 4).eval()(torch.randn(2, 9, 5, 5))
     with pytest.raises(ValueError, match="4-D input"):
         FusedDepthwiseSeparableASPP(8, (1, 2), 4).eval()(torch.randn(8, 5, 5))
+    from resaspp_ops import backend as backend_registry
+
+    monkeypatch.setitem(backend_registry.FAMILIES, backend_registry.SEPARABLE, {"reference": "reference_separable"})
+    monkeypatch.setattr(backend_registry, "_MODULES", {})
     with pytest.raises(NotImplementedError, match="does not implement multi_rate_separable_conv2d"):
         FusedSeparableASPP(8, (1, 2, 3), 4, backend="triton")
     with pytest.raises(ValueError, match="unknown backend"):

@@ -221,7 +221,14 @@ def test_depthwise_moments_are_the_depthwise_outputs_sums_and_differentiable():
     assert depthwise_moments(x32, a["w_dw"].detach().half(), p.rates)[0].dtype == torch.float32
 
 
-def test_kernel_backends_raise_not_implemented_naming_what_exists():
+def _reference_only(monkeypatch):
+    """FAMILIES as before any kernel backend declared the separable family."""
+    monkeypatch.setitem(backend_registry.FAMILIES, FAMILY, {"reference": "reference_separable"})
+    monkeypatch.setattr(backend_registry, "_MODULES", {})
+
+
+def test_backends_not_declaring_the_family_raise_not_implemented_naming_what_exists(monkeypatch):
+    _reference_only(monkeypatch)
     a = make_separable_problem(Problem(1, 4, 2, 5, 5, (1,)), "plain")
     for name in ("cuda", "triton"):
         with pytest.raises(NotImplementedError, match=rf"backend '{name}' does not implement "
@@ -234,11 +241,18 @@ def test_kernel_backends_raise_not_implemented_naming_what_exists():
     assert "does not implement" in report["cuda"].reason
 
 
+def test_the_triton_backend_declares_the_family():
+    assert backend_registry.implements("triton", FAMILY)
+    assert backend_registry.get("triton", FAMILY).__name__ == "resaspp_ops.backend.triton.separable"
+
+
 def test_auto_is_the_reference_until_a_kernel_backend_declares_the_family(monkeypatch):
-    """"auto" resolves to the reference everywhere today (no warning on CUDA: nothing better exists); a kernel
-    backend that declares the family in FAMILIES is then chosen on CUDA first, and can be named."""
+    """"auto" resolves to the reference where only it implements the family (no warning on CUDA: nothing
+    better exists); a kernel backend that declares the family in FAMILIES is then chosen on CUDA first, and can
+    be named."""
     import warnings
 
+    _reference_only(monkeypatch)
     cuda = torch.device("cuda")  # resolve reads the device type only: no GPU is touched
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -1,17 +1,15 @@
 """Triton backend on the CPU through Triton's interpreter (issue #3).
 
 Triton decides compiled-or-interpreted when a kernel is decorated, i.e. when the backend first imports its
-kernel modules (never at package import). The module fixture below sets TRITON_INTERPRET=1 before that
-happens and restores the variable afterwards; the kernels stay interpreted for the rest of the process.
-Where a GPU is visible these tests step aside: the compiled kernels are the ones to test there
+kernel modules (never at package import). conftest.py's triton_interpreter fixture sets TRITON_INTERPRET=1
+before that happens and restores the variable afterwards; the kernels stay interpreted for the rest of the
+process. Where a GPU is visible these tests step aside: the compiled kernels are the ones to test there
 (tests/test_triton_cuda.py), and a process holds only one kind.
 
 Everything goes through resaspp_ops.multi_rate_conv2d(..., backend="triton"), so autograd runs through the
 ops layer. Problems are tiny: the interpreter costs about the same for every Triton op whatever its size.
 """
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -24,24 +22,7 @@ from utils import AWKWARD, Problem, assert_error_rule, float64_reference, make_p
 pytest.importorskip("triton")
 
 
-@pytest.fixture(scope="module")
-def interpreter():
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is visible: the compiled kernels are tested there (test_triton_cuda.py)")
-    if triton_backend.kernels_mode() == "compiled":
-        pytest.skip("the Triton kernels were already loaded compiled in this process")
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
-pytestmark = pytest.mark.usefixtures("interpreter")
+pytestmark = pytest.mark.usefixtures("triton_interpreter")  # conftest.py
 
 # ------------------------------------------------------------------------------------------------ helpers
 

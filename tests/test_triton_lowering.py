@@ -128,3 +128,36 @@ def test_every_opt_in_autotuning_candidate_compiles():
     for launch in launches:
         assert launch["error"] is None and not launch["problems"], launch
         assert launch["wgmma"], launch
+
+
+_SEPARABLE_SCRIPT = r"""
+import dataclasses, json, sys, torch
+from resaspp_ops.backend.triton import lowering
+n, c, co, h, w, rates, dtype = json.loads(sys.argv[1])
+launches = lowering.lower_separable(n, c, co, h, w, tuple(rates), getattr(torch, dtype))
+print(json.dumps([dataclasses.asdict(l) for l in launches]))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_separable_kernels_lower_at_v3plus_os16(dtype):
+    """The separable op's forward and backward at smp's DeepLabV3+ default (C = 2048, Co = 256, 32x32, rates
+    12, 24, 36): every launch compiles within the shared memory, nothing spills, the forward's pointwise MMA is
+    one warpgroup MMA over all 256 channels (bf16), the MMA kernels lower to wgmma."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RESASPP_TRITON_AUTOTUNE")}
+    args = json.dumps([8, 2048, 256, 32, 32, [12, 24, 36], dtype])
+    done = subprocess.run([sys.executable, "-c", _SEPARABLE_SCRIPT, args], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    launches = json.loads(done.stdout.strip().splitlines()[-1])
+    kernels = _kernels(launches)
+    assert kernels[0] == "_separable_forward_kernel"
+    assert {"_separable_dgrad_kernel", "_depthwise_dgrad_kernel", "_depthwise_wgrad_kernel",
+            "_pointwise_wgrad_kernel"} <= set(kernels)
+    for launch in launches:
+        assert launch["error"] is None and not launch["problems"], launch
+        assert launch["spills"] == 0, launch
+        if launch["kernel"] in ("_separable_forward_kernel", "_separable_dgrad_kernel", "_pointwise_wgrad_kernel"):
+            assert launch["wgmma"], launch
+    if dtype == "bfloat16":
+        assert launches[0]["mma"] == "m64n256k16" and launches[0]["programs"] == 288, launches[0]

@@ -65,3 +65,30 @@ def branch_jobs(plan: JobPlan) -> np.ndarray:
     per_branch = jobs[order].reshape(1 + len(plan.rates), -1, 4)
     assert (per_branch[:, :, :2] == per_branch[:1, :, :2]).all(), "every branch must cover the same tiles"
     return np.ascontiguousarray(per_branch)
+
+
+def mirror_taps(taps: np.ndarray) -> np.ndarray:
+    """Tap masks mirrored (bit t <- bit 8 - t): the live taps of the depthwise transpose, which reads dD at
+    p - offset, are those whose opposite tap the forward reads inside the map."""
+    taps = np.asarray(taps)
+    return sum(((taps >> t) & 1) << (8 - t) for t in range(9)).astype(taps.dtype)
+
+
+class BranchJobLists(NamedTuple):
+    """branch_jobs(plan) as stable host arrays (kept alive by the cache, so a device copy can be cached by id)."""
+
+    stacked: np.ndarray     # [1+B, T, 4]
+    each: tuple             # 1+B arrays [T, 4]
+    mirrored: tuple         # 1+B arrays [T, 4], their tap masks mirrored (mirror_taps)
+
+
+@functools.lru_cache(maxsize=256)
+def branch_job_lists(plan: JobPlan) -> BranchJobLists:
+    stacked = branch_jobs(plan)
+    each = tuple(np.ascontiguousarray(jobs) for jobs in stacked)
+    mirrored = []
+    for jobs in each:
+        m = jobs.copy()
+        m[:, 3] = mirror_taps(jobs[:, 3])
+        mirrored.append(m)
+    return BranchJobLists(stacked, each, tuple(mirrored))

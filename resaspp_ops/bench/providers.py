@@ -89,9 +89,11 @@ def skip_reason(provider: str, device: torch.device, dtype: torch.dtype, explici
     if is_compiled(provider) and device.type == "cpu" and not explicitly_requested:
         return "torch.compile on the CPU is slow; ask for it with --providers"
     backend = FUSED_BACKENDS.get(provider)
+    if provider in KERNEL_VERSIONS and family != "aspp":
+        return f"{provider} is a kernel design of {_backend.MULTI_RATE} only"
     if backend is not None and backend != "auto":
         if not _backend.implements(backend, OP_FAMILY[family]):
-            return f"backend {backend!r} does not implement {OP_FAMILY[family]} yet"
+            return _backend.not_implemented_reason(backend, OP_FAMILY[family])
         available, reason = _backend.status(backend, device, dtype, OP_FAMILY[family])
         if not available:
             return f"backend {backend!r} unavailable: {reason}"

@@ -309,3 +309,33 @@ def v2_config(n: int, h: int, w: int, n_out: int, dtype: torch.dtype, device: to
         tile_h, stack = block_m // tile_w, 1
     return dict(STACK=stack, TILE_H=tile_h, TILE_W=tile_w, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                 STAGES=stages, num_warps=warps)
+
+
+def separable_config(kind: str, n: int, h: int, w: int, c: int, co: int, dtype: torch.dtype, device: torch.device,
+                     rates: tuple) -> dict:
+    """The launch config of a separable kernel (backend/triton/separable_*.py) on n images of h x w.
+
+    kind "forward": v2_config's tile and BLOCK_N = Co (one job a branch), BLOCK_K 32 on a GPU: the depthwise
+    block [BLOCK_M, BLOCK_K] is an fp32 register tile beside the [BLOCK_M, BLOCK_N] accumulator.
+    kind "dgrad": the same tiles; BLOCK_N = a block of up to 128 input channels, 64 in fp32 (the recomputed
+    depthwise block [BLOCK_M, BLOCK_N] is a second fp32 register tile), BLOCK_K = the Co chunk of the grad GEMM.
+    kind "stencil": the same tiles, BLOCK_N = 64 channels (no MMA: the depthwise transpose and weight grad).
+    kind "pw_wgrad": the same tiles as the GEMM's K walk, BLOCK_C = 64 input channels (the recomputed depthwise
+    block [BLOCK_M, BLOCK_C] in fp32 registers beside the accumulator) x BLOCK_N = Co output channels.
+    (sm_90a lowering, benchmarks/NOTES.md: BLOCK_C 128 spilled 580 B at Co = 256.)
+    """
+    base = v2_config(n, h, w, co, dtype, device, rates)
+    tile = {key: base[key] for key in ("STACK", "TILE_H", "TILE_W", "BLOCK_M")}
+    gpu = device.type == "cuda"
+    if kind == "forward":
+        return dict(base, BLOCK_K=32 if gpu else base["BLOCK_K"])
+    if kind == "dgrad":
+        block_n = min(64 if dtype == torch.float32 else 128, max(16, triton.next_power_of_2(c))) if gpu else 32
+        return dict(tile, BLOCK_N=block_n, BLOCK_K=64 if gpu else 32, STAGES=3 if gpu else 1,
+                    num_warps=8 if gpu else 4)
+    if kind == "stencil":
+        return dict(tile, BLOCK_N=64 if gpu else 32, num_warps=4)
+    if kind == "pw_wgrad":
+        block_n = min(256 if dtype != torch.float32 else 128, max(16, triton.next_power_of_2(co))) if gpu else 32
+        return dict(tile, BLOCK_C=64 if gpu else 32, BLOCK_N=block_n, num_warps=8 if gpu else 4)
+    raise ValueError(f"unknown separable kernel kind {kind!r}")

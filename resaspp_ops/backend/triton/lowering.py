@@ -8,6 +8,7 @@ pipelined K loops. It catches before any GPU time what the interpreter cannot: a
 does not compile, shared memory past the target's per-block limit, spills.
 
     python -m resaspp_ops.backend.triton.lowering [--quick]   # the benchmark presets x dtypes, fwd + bwd
+                                                             # (the separable presets: the separable kernels)
 
 Needs a process whose Triton kernels are not interpreted (TRITON_INTERPRET unset when they load). Uses
 Triton's launcher internals (JITFunction's binder and _pack_args, as of Triton 3.6-3.8).
@@ -201,6 +202,36 @@ def lower(n: int, c: int, co: int, h: int, w: int, rates: tuple, dtype: torch.dt
         if kind is not None:
             launch.a_bytes, launch.b_bytes = design_v2.operand_bytes(kind, n, c, co, h, w, tuple(rates), dtype,
                                                                      torch.device("cuda", 0))
+    return _judged(launches, arch, autotune)
+
+
+def lower_separable(n: int, c: int, co: int, h: int, w: int, rates: tuple, dtype: torch.dtype,
+                    backward: bool = True, mid: bool = True, arch: int = 90) -> list[Launch]:
+    """lower() for the separable op's kernels (backend/triton/separable*.py): one forward and one backward of
+    multi_rate_separable_conv2d with the mid stage (scale, shift, ReLU) when `mid`, and the epilogue."""
+    from resaspp_ops.backend.triton import separable
+
+    launches: list[Launch] = []
+    b = len(rates)
+    with _host_without_gpu(arch, False), _compile_instead_of_launch(arch, launches):
+        dev = torch.device("cuda", 0)
+        x = torch.empty((n, c, h, w), dtype=dtype, device=dev).contiguous(memory_format=torch.channels_last)
+        w1 = torch.empty((co, c, 1, 1), dtype=dtype, device=dev)
+        w_dw = torch.empty((b, c, 1, 3, 3), dtype=dtype, device=dev)
+        w_pw = torch.empty((b, co, c, 1, 1), dtype=dtype, device=dev)
+        mid_scale = torch.empty(b * c, device=dev) if mid else None
+        mid_shift = torch.empty(b * c, device=dev) if mid else None
+        scale, shift = torch.empty((1 + b) * co, device=dev), torch.empty((1 + b) * co, device=dev)
+        out = separable.forward(x, w1, w_dw, w_pw, list(rates), mid_scale, mid_shift, mid, scale, shift, True)
+        if backward:
+            separable.backward(torch.empty_like(out), x, w1, w_dw, w_pw, list(rates), mid_scale, mid_shift, mid,
+                               True, True, True)
+    return _judged(launches, arch, False)
+
+
+def _judged(launches: list[Launch], arch: int, autotune) -> list[Launch]:
+    """The launches with their problems (no compile, shared memory past the limit) and warnings (spills, an
+    unpipelined K loop) filled in."""
     limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[90])
     for launch in launches:
         if launch.error:
@@ -231,21 +262,24 @@ AWKWARD = [
 
 
 def _sweep_cases(quick: bool) -> list[tuple]:
+    """(family, name, n, c, co, h, w, rates) of every case to lower."""
     from resaspp_ops.bench.presets import PRESETS
 
-    names = ("voc-os16", "unet-stare") if quick else tuple(PRESETS)
+    names = ("voc-os16", "unet-stare", "v3plus-os16") if quick else tuple(PRESETS)
     cases = []
     for name in names:
         p = PRESETS[name]
         for rates in dict.fromkeys(tuple(r) for r in p.rate_sets.values()):
-            cases.append((name, p.n, p.c, p.co, p.h, p.w, rates))
-    return cases if quick else cases + AWKWARD
+            cases.append((p.family, name, p.n, p.c, p.co, p.h, p.w, rates))
+    if quick:
+        return cases
+    return cases + [("aspp", *case) for case in AWKWARD] + [("separable", *case) for case in AWKWARD[:-1]]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m resaspp_ops.backend.triton.lowering", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
-    parser.add_argument("--quick", action="store_true", help="voc-os16 and unet-stare only (else every preset, "
+    parser.add_argument("--quick", action="store_true", help="voc-os16, unet-stare and v3plus-os16 only (else every preset, "
                         "both rate sets, and the GPU tests' awkward shapes)")
     parser.add_argument("--dtypes", default="bfloat16,float16,float32")
     parser.add_argument("--autotune", action="store_true",
@@ -257,12 +291,17 @@ def main(argv=None) -> int:
     bad = slow = 0
     print(f"{'case':34s} {'dtype':9s} {'kernel':18s} {'meta':64s} warps stages  smem KiB regs spill "
           f"{'wgmma':11s} pipe programs   A MiB   B MiB")
-    for name, n, c, co, h, w, rates in cases:
+    for family, name, n, c, co, h, w, rates in cases:
         for dtype in dtypes:
-            for launch in lower(n, c, co, h, w, rates, dtype, arch=args.arch, autotune=args.autotune):
+            if family == "separable":
+                launches = lower_separable(n, c, co, h, w, rates, dtype, arch=args.arch)
+            else:
+                launches = lower(n, c, co, h, w, rates, dtype, arch=args.arch, autotune=args.autotune)
+            for launch in launches:
                 meta = ",".join(f"{k}={v}" for k, v in launch.meta.items()
                                 if k in ("BLOCK_M", "TILE_H", "TILE_W", "STACK", "BLOCK_N", "BLOCK_K", "BLOCK_C",
-                                         "BLOCK_P", "NR", "HAS_1X1", "IDX64", "FLAT", "STAGES", "WORKLIST"))
+                                         "BLOCK_P", "NR", "HAS_1X1", "IDX64", "FLAT", "STAGES", "WORKLIST",
+                                         "RECOMPUTE"))
                 label = f"{name} r{','.join(map(str, rates))}"
                 kernel = launch.kernel.strip("_").removesuffix("_kernel")
                 mib = lambda v: "-" if v is None else f"{v / 2 ** 20:.1f}"  # noqa: E731

@@ -210,3 +210,16 @@ def live_tap_table(taps):
         table = table | tl.where(live == 1, (table * 0 + t) << (4 * n_live).to(tl.int64), 0)
         n_live = n_live + live
     return table, n_live
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def column_sum(x):
+    """x [M, N] summed over M: tl.sum's result through tl.reduce, because tl.sum (like tl.zeros) is a
+    standard-library jit function, which Triton's interpreter cannot call when triton was imported before
+    TRITON_INTERPRET was set (as in a test process)."""
+    return tl.reduce(x, 0, _add)
