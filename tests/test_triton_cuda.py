@@ -115,3 +115,29 @@ def test_compile_fullgraph_inductor(gpu_device):
     torch.testing.assert_close(y, f(x, w1, w3), rtol=0, atol=0)
     y.sum().backward()
     assert x.grad is not None and w3.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------- separable op
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("stage", ["plain", "mid"])
+@pytest.mark.parametrize("p", _CASES, ids=str)
+def test_separable_matches_float64(p, stage, dtype, gpu_device):
+    """The separable op's compiled kernels, forward and every grad (backend/triton/separable*.py)."""
+    from test_triton_separable import check_separable
+
+    check_separable(p, stage, dtype, seed=1, device=gpu_device)
+
+
+def test_separable_backward_is_bitwise_reproducible(gpu_device):
+    from utils import make_separable_problem, separable_leaves
+
+    p = Problem(2, 256, 64, 33, 33, (6, 12, 18))
+    args = make_separable_problem(p, "mid", torch.bfloat16, gpu_device, requires_grad=True)
+    g = torch.randn((p.n, 4 * p.co, p.h, p.w), device=gpu_device, dtype=torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        y = resaspp_ops.multi_rate_separable_conv2d(**args, backend="triton")
+        runs.append(torch.autograd.grad(y, separable_leaves(args), g))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

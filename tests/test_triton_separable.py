@@ -30,14 +30,15 @@ def _grads(args, g, backend):
     return y, torch.autograd.grad(y, separable_leaves(args), g)
 
 
-def _check(problem, stage, dtype, seed=0, backward=True):
-    """The triton backend's output (and every grad) against float64, bounded by PyTorch's own error in dtype."""
-    args = make_separable_problem(problem, stage, dtype, channels_last=seed % 2 == 1, seed=seed,
+def check_separable(problem, stage, dtype, seed=0, backward=True, device="cpu"):
+    """The triton backend's output (and every grad) against float64 (on the CPU), bounded by PyTorch's own
+    error in dtype on the same device. tests/test_triton_cuda.py runs it on a GPU."""
+    args = make_separable_problem(problem, stage, dtype, device, channels_last=seed % 2 == 1, seed=seed,
                                   requires_grad=backward)
     channels = (1 + len(problem.rates)) * problem.co
     g = torch.randn((problem.n, channels, problem.h, problem.w), generator=torch.Generator().manual_seed(seed + 7))
-    g = g.to(dtype)
-    args64 = detached_copy(args, torch.float64, requires_grad=backward)
+    g = g.to(device=device, dtype=dtype)
+    args64 = detached_copy(args, torch.float64, "cpu", requires_grad=backward)
     same = detached_copy(args, requires_grad=backward)
     if not backward:
         with torch.no_grad():
@@ -49,7 +50,7 @@ def _check(problem, stage, dtype, seed=0, backward=True):
         return
     y, grads = _grads(args, g, "triton")
     y64 = multi_rate_separable_conv2d_reference(**args64)
-    grads64 = torch.autograd.grad(y64, separable_leaves(args64), g.double())
+    grads64 = torch.autograd.grad(y64, separable_leaves(args64), g.cpu().double())
     y_same = multi_rate_separable_conv2d_reference(**same)
     grads_same = torch.autograd.grad(y_same, separable_leaves(same), g)
     assert_error_rule(y.detach(), y64.detach(), y_same.detach(), floor=FLOOR[dtype], what=f"forward {stage} {problem} {dtype}")
@@ -61,23 +62,23 @@ def _check(problem, stage, dtype, seed=0, backward=True):
 @pytest.mark.parametrize("problem", AWKWARD, ids=str)
 @pytest.mark.parametrize("stage", list(SEPARABLE_STAGES))
 def test_forward_matches_float64(problem, stage):
-    _check(problem, stage, torch.float32, seed=1, backward=False)
+    check_separable(problem, stage, torch.float32, seed=1, backward=False)
 
 
 @pytest.mark.parametrize("problem", AWKWARD, ids=str)
 @pytest.mark.parametrize("stage", ["plain", "mid"])
 def test_every_grad_matches_float64(problem, stage):
-    _check(problem, stage, torch.float32, seed=2)
+    check_separable(problem, stage, torch.float32, seed=2)
 
 
 @pytest.mark.parametrize("stage", ["shift-mid", "linear-mid"])
 def test_every_grad_of_the_linear_mid_stages(stage):
-    _check(AWKWARD[0], stage, torch.float32, seed=3)
+    check_separable(AWKWARD[0], stage, torch.float32, seed=3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_forward_and_grads(dtype):
-    _check(Problem(2, 24, 16, 6, 7, (1, 2, 9)), "mid", dtype, seed=4)
+    check_separable(Problem(2, 24, 16, 6, 7, (1, 2, 9)), "mid", dtype, seed=4)
 
 
 def test_padding_taps_are_skipped():

@@ -4,8 +4,8 @@
     compute-sanitizer --tool racecheck python benchmarks/gpu/sanitize_case.py [BACKEND ...]
 
 BACKEND: cuda (every kernel family of the cuda backend in turn: sm90, mma, simt), cuda:sm90, cuda:mma,
-cuda:simt, triton (the Triton kernels' second design) and/or triton-v1 (the first); default: cuda, triton and
-triton-v1. One backend a run keeps a report on one from being mistaken for the other (racecheck may not model
+cuda:simt, triton (the Triton kernels' second design), triton-v1 (the first) and/or triton-separable (the
+separable op's Triton kernels, mid stage on); default: all but cuda's explicit families. One backend a run keeps a report on one from being mistaken for the other (racecheck may not model
 Triton's asynchronous copies and warpgroup MMAs). A cuda family that cannot run a case here (no sm_90 GPU, a
 dtype it does not take) is reported as skipped with the reason. Exits non-zero if the cuda backend cannot run
 here, if a family named explicitly runs nothing, or if a name is unknown.
@@ -26,31 +26,34 @@ from resaspp_ops.backend import triton as triton_backend
 # for the sm90 ones), the third only the SIMT ones.
 PROBLEMS = [(2, 24, 16, 11, 13, (1, 3, 17)), (2, 64, 32, 5, 9, (2, 4, 6, 8)), (1, 13, 6, 7, 10, (1, 5))]
 CUDA_FAMILIES = ("sm90", "mma", "simt")
-KNOWN = ("cuda", *(f"cuda:{f}" for f in CUDA_FAMILIES), "triton", "triton-v1")
+KNOWN = ("cuda", *(f"cuda:{f}" for f in CUDA_FAMILIES), "triton", "triton-v1", "triton-separable")
 
 
 def _runs(names):
-    """(label, backend, cuda kernel family or None, context) for each run the names ask for."""
+    """(label, backend, family, context) for each run the names ask for; family: the cuda kernel family,
+    "separable" (the separable op's Triton kernels) or None."""
     for name in names:
         if name == "cuda":
             for family in CUDA_FAMILIES:
                 yield f"cuda:{family}", "cuda", family, contextlib.nullcontext()
         elif name.startswith("cuda:"):
             yield name, "cuda", name.split(":", 1)[1], contextlib.nullcontext()
+        elif name == "triton-separable":
+            yield name, "triton", "separable", contextlib.nullcontext()
         else:
             version = "v1" if name == "triton-v1" else "v2"
             yield name, "triton", None, triton_backend.use_kernel_version(version)
 
 
 def main(argv) -> int:
-    names = argv or ["cuda", "triton", "triton-v1"]
+    names = argv or ["cuda", "triton", "triton-v1", "triton-separable"]
     if any(n not in KNOWN for n in names):
         print(f"unknown backend in {names}; choose from {', '.join(KNOWN)}", file=sys.stderr)
         return 2
     device = torch.device("cuda")
     failures = 0
     for label, name, family, context in _runs(names):
-        if family is not None:
+        if name == "cuda":
             os.environ["RESASPP_CUDA_KERNEL"] = family  # the cuda backend reads it at every call
         try:
             with context:
@@ -58,24 +61,44 @@ def main(argv) -> int:
         finally:
             os.environ.pop("RESASPP_CUDA_KERNEL", None)
         failures += failed
-        if ran == 0 and label in names and family is not None:
+        if ran == 0 and label in names and name == "cuda":
             print(f"{label}: named explicitly but ran nothing here", file=sys.stderr)
             failures += 1
     return 1 if failures else 0
 
 
+def _separable_case(n, c, co, h, w, rates, dtype, device):
+    b = len(rates)
+    x = torch.randn(n, c, h, w, device=device, dtype=dtype, requires_grad=True)
+    w1 = torch.randn(co, c, 1, 1, device=device, dtype=dtype, requires_grad=True)
+    w_dw = torch.randn(b, c, 1, 3, 3, device=device, dtype=dtype, requires_grad=True)
+    w_pw = torch.randn(b, co, c, 1, 1, device=device, dtype=dtype, requires_grad=True)
+    mid_scale = torch.rand(b * c, device=device, requires_grad=True)
+    mid_shift = torch.randn(b * c, device=device, requires_grad=True)
+    y = resaspp_ops.multi_rate_separable_conv2d(x, w1, w_dw, w_pw, rates, mid_scale, mid_shift, True,
+                                                backend="triton")
+    y.float().square().sum().backward()
+
+
 def _run(name: str, label: str, family, device: torch.device) -> tuple[int, int]:
-    """Every problem in every dtype through backend `name`: (cases run, failures: a cuda backend that cannot
-    run)."""
+    """Every problem in every dtype through backend `name` (family "separable": the separable op): (cases run,
+    failures: a cuda backend that cannot run)."""
     ran = failures = 0
+    op_family = backend_registry.SEPARABLE if family == "separable" else backend_registry.MULTI_RATE
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        status = backend_registry.status(name, device, dtype)
+        status = backend_registry.status(name, device, dtype, family=op_family)
         if not status.available:
             print(f"skip {label} {dtype}: {status.reason}")
             failures += name == "cuda"
             continue
         for n, c, co, h, w, rates in PROBLEMS:
-            if family is not None:
+            if family == "separable":
+                _separable_case(n, c, co, h, w, rates, dtype, device)
+                torch.cuda.synchronize()
+                print(f"ok {label} {dtype} {(n, c, co, h, w, rates)}")
+                ran += 1
+                continue
+            if name == "cuda":
                 try:
                     cuda_backend.kernel_choice(device, dtype, c, co)
                 except RuntimeError as exc:

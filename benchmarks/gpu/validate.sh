@@ -212,7 +212,7 @@ phase_sanitize() {
   local tool
   for tool in memcheck racecheck; do
     step "$tool" "$tool.log" 150 env RESASPP_TRITON_AUTOTUNE=0 \
-      "$cs" --tool "$tool" --error-exitcode 3 python benchmarks/gpu/sanitize_case.py cuda triton triton-v1
+      "$cs" --tool "$tool" --error-exitcode 3 python benchmarks/gpu/sanitize_case.py cuda triton triton-v1 triton-separable
   done
 }
 
@@ -321,9 +321,10 @@ phase_bench_first() {  # phase_bench_first [--check-only]: the timed run, or its
 
 # A second, short run for a warm machine right after `session` (device time left: see the README): the branch
 # convolutions alone, the kernels' own speed against 1+B cuDNN convs.
+# v3plus-os16: the separable op's kernels against the separable branch convolutions (sepconv-*).
 SECOND_BENCH_ARGS=(--levels branches --dtypes bfloat16 --modes fwd,fwd+bwd --rate-sets default
-  --presets voc-os16,voc-os8,cityscapes-os8,unet-stare
-  --providers conv2d-eager,conv2d-eager-cl,conv2d-compile,fused-triton,fused-triton-v1,fused-cuda,fused-auto
+  --presets voc-os16,voc-os8,cityscapes-os8,unet-stare,v3plus-os16
+  --providers conv2d-eager,conv2d-eager-cl,conv2d-compile,sepconv-eager,sepconv-eager-cl,sepconv-compile,fused-triton,fused-triton-v1,fused-cuda,fused-auto
   --compile-mode reduce-overhead --tag bf16-branches)
 
 phase_session() {

@@ -319,7 +319,8 @@ def separable_config(kind: str, n: int, h: int, w: int, c: int, co: int, dtype: 
     block [BLOCK_M, BLOCK_K] is an fp32 register tile beside the [BLOCK_M, BLOCK_N] accumulator.
     kind "dgrad": the same tiles; BLOCK_N = a block of up to 128 input channels, 64 in fp32 (the recomputed
     depthwise block [BLOCK_M, BLOCK_N] is a second fp32 register tile), BLOCK_K = the Co chunk of the grad GEMM.
-    kind "stencil": the same tiles, BLOCK_N = 64 channels (no MMA: the depthwise transpose and weight grad).
+    kind "stencil": the same tiles, BLOCK_N = 64 channels, 8 warps (no MMA: the depthwise transpose and weight
+    grad; with 4 warps they spilled 1-2 KiB on the awkward test shapes).
     kind "pw_wgrad": the same tiles as the GEMM's K walk, BLOCK_C = 64 input channels (the recomputed depthwise
     block [BLOCK_M, BLOCK_C] in fp32 registers beside the accumulator) x BLOCK_N = Co output channels.
     (sm_90a lowering, benchmarks/NOTES.md: BLOCK_C 128 spilled 580 B at Co = 256.)
@@ -334,8 +335,10 @@ def separable_config(kind: str, n: int, h: int, w: int, c: int, co: int, dtype: 
         return dict(tile, BLOCK_N=block_n, BLOCK_K=64 if gpu else 32, STAGES=3 if gpu else 1,
                     num_warps=8 if gpu else 4)
     if kind == "stencil":
-        return dict(tile, BLOCK_N=64 if gpu else 32, num_warps=4)
+        return dict(tile, BLOCK_N=min(64, max(16, triton.next_power_of_2(c))) if gpu else 32,
+                    num_warps=8 if gpu else 4)
     if kind == "pw_wgrad":
         block_n = min(256 if dtype != torch.float32 else 128, max(16, triton.next_power_of_2(co))) if gpu else 32
-        return dict(tile, BLOCK_C=64 if gpu else 32, BLOCK_N=block_n, num_warps=8 if gpu else 4)
+        block_c = min(64, max(16, triton.next_power_of_2(c))) if gpu else 32
+        return dict(tile, BLOCK_C=block_c, BLOCK_N=block_n, num_warps=8 if gpu else 4)
     raise ValueError(f"unknown separable kernel kind {kind!r}")
