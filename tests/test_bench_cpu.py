@@ -59,9 +59,13 @@ def test_cpu_providers_ran_and_gpu_ones_were_skipped_with_a_reason(cpu_run):
     _, out_dir = cpu_run
     rows = json.loads(next(out_dir.glob("*.json")).read_text())["rows"]
     timed = {(r["level"], r["provider"]) for r in rows if r["median_ms"] is not None}
-    # The first case of each level runs before any budget can run out.
-    for level, baseline in (("module", "torchvision-eager"), ("branches", "conv2d-eager")):
-        assert (level, baseline) in timed and (level, "fused-auto") in timed
+    # The first case (module level) runs well inside the budget; a later one may meet the budget on a loaded
+    # machine, and then says so.
+    assert {("module", "torchvision-eager"), ("module", "fused-auto")} <= timed
+    for row in rows:
+        if row["level"] == "branches" and row["provider"] in ("conv2d-eager", "fused-auto"):
+            assert row["median_ms"] is not None or row["note"] == "skipped: time budget spent", row
+    assert any(r["level"] == "branches" for r in rows)
     for row in rows:
         if row["provider"] == "fused-cuda":
             assert row["correct"] is None and "backend 'cuda' unavailable" in row["note"]
