@@ -134,7 +134,7 @@ class EmulatedKernels:
                 for m in np.nonzero(ok)[0]:
                     out[pn[m], ph[m], pq[m], cb + cols] = v[m]
                     self.writes[pn[m], ph[m], pq[m], cb + cols] += 1
-        return torch.from_numpy(out).to(x.dtype).permute(0, 3, 1, 2)
+        return torch.from_numpy(out).to(x.dtype).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
     # ---------------------------------------------------------------- backward
     @staticmethod

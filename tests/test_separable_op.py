@@ -223,26 +223,33 @@ def test_depthwise_moments_are_the_depthwise_outputs_sums_and_differentiable():
 
 def test_kernel_backends_raise_not_implemented_naming_what_exists():
     a = make_separable_problem(Problem(1, 4, 2, 5, 5, (1,)), "plain")
-    for name in ("cuda", "triton"):
-        with pytest.raises(NotImplementedError, match=rf"backend '{name}' does not implement "
-                                                      r"multi_rate_separable_conv2d yet; implemented by: reference"):
-            multi_rate_separable_conv2d(**a, backend=name)
+    with pytest.raises(NotImplementedError, match=r"backend 'triton' does not implement "
+                                                  r"multi_rate_separable_conv2d yet; implemented by: reference, cuda"):
+        multi_rate_separable_conv2d(**a, backend="triton")
+    # cuda implements the family (backend/cuda_separable.py): named on CPU tensors it raises with the reason
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
+        multi_rate_separable_conv2d(**a, backend="cuda")
     with pytest.raises(ValueError, match="unknown backend"):
         multi_rate_separable_conv2d(**a, backend="cudnn")
     report = resaspp_ops.backends("cpu", op="multi_rate_separable_conv2d")
-    assert report["reference"].available and not report["triton"].available
-    assert "does not implement" in report["cuda"].reason
+    assert report["reference"].available and not report["triton"].available and not report["cuda"].available
+    assert "does not implement" in report["triton"].reason
+    assert "does not implement" not in report["cuda"].reason
 
 
-def test_auto_is_the_reference_until_a_kernel_backend_declares_the_family(monkeypatch):
-    """"auto" resolves to the reference everywhere today (no warning on CUDA: nothing better exists); a kernel
-    backend that declares the family in FAMILIES is then chosen on CUDA first, and can be named."""
+def test_auto_takes_a_kernel_backend_that_declares_the_family(monkeypatch):
+    """"auto" on CUDA tensors takes the cuda backend (it declares the family) where it is available, the
+    reference on the CPU; a kernel backend that declares the family in FAMILIES is chosen in auto_order's
+    order, and can be named."""
     import warnings
 
+    from resaspp_ops.backend import cuda_separable
+
     cuda = torch.device("cuda")  # resolve reads the device type only: no GPU is touched
+    monkeypatch.setattr(cuda_separable, "availability", lambda device, dtype: (True, "patched"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert backend_registry.resolve("auto", cuda, torch.bfloat16, FAMILY) == "reference"
+        assert backend_registry.resolve("auto", cuda, torch.bfloat16, FAMILY) == "cuda"
     assert backend_registry.resolve("auto", torch.device("cpu"), torch.float32, FAMILY) == "reference"
     monkeypatch.setitem(backend_registry.FAMILIES, FAMILY, {"reference": "reference_separable",
                                                             "triton": "reference_separable"})
