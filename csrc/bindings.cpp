@@ -45,6 +45,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("separable_wgrad_dw", &sep::wgrad_dw_cuda,
         "per-chunk partials [chunks, 9, C] of sum_p dd[p, c] x[p + d_tap, c] (fixed pixel order)", py::arg("dd"),
         py::arg("x"), py::arg("rate"));
+  m.def("separable_pointwise_dgrad", &sep::pointwise_dgrad_cuda,
+        "out[N H W, C] = grad's branch channels @ pw[branch]^T (mma.sync) over the centre-only jobs of the plan's "
+        "tiles", py::arg("grad"), py::arg("branch"), py::arg("pw"), py::arg("out"), py::arg("jobs"), py::arg("tile"));
+  m.def("separable_pointwise_wgrad", &sep::pointwise_wgrad_cuda,
+        "[Co, C] fp32 = grad's branch channels^T @ a[N H W, C] (mma.sync, one fixed pixel order)", py::arg("grad"),
+        py::arg("branch"), py::arg("a"), py::arg("co"));
   py::dict sep_constants;
   sep_constants["block_m"] = sep::kBlockM;
   sep_constants["block_n"] = sep::kBlockN;

@@ -242,5 +242,18 @@ void dgrad(const at::Tensor& grad, const at::Tensor& w1, const at::Tensor& w3, a
   });
 }
 
+void pointwise(const at::Tensor& in, int64_t in_offset, int64_t in_cstride, const at::Tensor& w, at::Tensor& out,
+               const at::Tensor& jobs, const JobGeometry& g) {
+  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1 && w.size(0) == g.Co && w.size(1) == g.C,
+              "resaspp_ops._C: pointwise weights must be [M, K] with K innermost");
+  const Weights wt{w.const_data_ptr(), w.stride(0), w.const_data_ptr(), 0, 0, 0, 0};
+  dispatch(in.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    launch<T, false>(static_cast<const T*>(in.const_data_ptr()) + in_offset, wt, static_cast<T*>(out.data_ptr()),
+                     nullptr, nullptr, false, jobs, nullptr, g, in_cstride, /*out_cstride=*/g.Co,
+                     (g.Co + kBlockN - 1) / kBlockN);
+  });
+}
+
 }  // namespace mma
 }  // namespace resaspp

@@ -4,6 +4,7 @@
 #include "separable.h"
 
 #include "host_common.h"
+#include "multi_rate_conv2d_mma.h"
 #include "tap_table.h"
 
 #include <ATen/ops/empty.h>
@@ -179,6 +180,77 @@ at::Tensor wgrad_dw_cuda(const at::Tensor& dd, const at::Tensor& x, int64_t rate
   at::Tensor part = at::empty({chunks, 9, C}, x.options().dtype(acc_type(x)));
   wgrad_dw(dd, x, pixel_geometry(x, 1, rate), part);
   return part;
+}
+
+namespace {
+// What the mma pointwise GEMMs need of grad and the channel counts; x-like sizes from grad.
+void check_pointwise(const at::Tensor& grad, int64_t branch, int64_t C, int64_t Co) {
+  TORCH_CHECK(grad.is_cuda() && grad.dim() == 4 && grad.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "resaspp_ops._C: grad must be a channels_last CUDA [N, (1+B) Co, H, W]");
+  const at::ScalarType t = grad.scalar_type();
+  TORCH_CHECK(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat,
+              "resaspp_ops._C: the mma pointwise GEMMs take float16, bfloat16 or float32 (TF32), got ", t);
+  TORCH_CHECK(C % 8 == 0 && Co % 8 == 0, "resaspp_ops._C: the mma pointwise GEMMs need C and Co to be multiples "
+              "of 8, got C=", C, ", Co=", Co);
+  TORCH_CHECK(Co > 0 && grad.size(1) % Co == 0 && branch >= 0 && (branch + 1) * Co <= grad.size(1),
+              "resaspp_ops._C: grad has ", grad.size(1), " channels, no branch ", branch, " of ", Co);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(grad.const_data_ptr()) % 16 == 0, "resaspp_ops._C: grad must be 16-byte "
+              "aligned");
+}
+
+JobGeometry pointwise_geometry(const at::Tensor& grad, int64_t K, int64_t M, const std::vector<int64_t>& tile) {
+  TORCH_CHECK(tile.size() == 3 && tile[0] >= 1 && tile[1] >= 1 && tile[2] >= 1,
+              "resaspp_ops._C: tile must be [tile_h, tile_w, stack]");
+  JobGeometry g{};
+  g.N = static_cast<int>(grad.size(0));
+  g.H = static_cast<int>(grad.size(2));
+  g.W = static_cast<int>(grad.size(3));
+  g.C = static_cast<int>(K);
+  g.Co = static_cast<int>(M);
+  g.num_branches = 1;
+  g.tile_h = static_cast<int>(tile[0]);
+  g.tile_w = static_cast<int>(tile[1]);
+  g.stack = static_cast<int>(tile[2]);
+  g.tiles_w = (g.W + g.tile_w - 1) / g.tile_w;
+  return g;
+}
+}  // namespace
+
+void pointwise_dgrad_cuda(const at::Tensor& grad, int64_t branch, const at::Tensor& pw, at::Tensor& out,
+                          const at::Tensor& jobs, const std::vector<int64_t>& tile) {
+  TORCH_CHECK(pw.dim() == 3 && pw.is_contiguous() && pw.scalar_type() == grad.scalar_type() &&
+                  pw.device() == grad.device() && branch < pw.size(0),
+              "resaspp_ops._C: pw must be a contiguous [1+B, C, Co] of grad's dtype");
+  const int64_t C = pw.size(1), Co = pw.size(2);
+  check_pointwise(grad, branch, C, Co);
+  const int64_t P = grad.size(0) * grad.size(2) * grad.size(3);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == P && out.size(1) == C && out.is_contiguous() &&
+                  out.scalar_type() == grad.scalar_type() && out.device() == grad.device(),
+              "resaspp_ops._C: out must be a contiguous [", P, ", ", C, "] of grad's dtype");
+  TORCH_CHECK(jobs.scalar_type() == at::kInt && jobs.is_contiguous() && jobs.device() == grad.device() &&
+                  jobs.dim() == 2 && jobs.size(1) == 4,
+              "resaspp_ops._C: jobs must be a contiguous int32 [J, 4] on ", grad.device());
+  const c10::cuda::CUDAGuard guard(grad.device());
+  if (out.numel() == 0) return;
+  const at::Tensor w = aligned16(pw[branch]);  // [C, Co]: rows = the GEMM's output channels, Co innermost
+  mma::pointwise(grad, branch * Co, grad.size(1), w.is_contiguous() ? w : w.contiguous(), out, jobs,
+                 pointwise_geometry(grad, Co, C, tile));
+}
+
+at::Tensor pointwise_wgrad_cuda(const at::Tensor& grad, int64_t branch, const at::Tensor& a, int64_t Co) {
+  const int64_t C = a.size(-1);
+  check_pointwise(grad, branch, C, Co);
+  const int64_t P = grad.size(0) * grad.size(2) * grad.size(3);
+  TORCH_CHECK(a.dim() == 2 && a.size(0) == P && a.is_contiguous() && a.scalar_type() == grad.scalar_type() &&
+                  a.device() == grad.device() && reinterpret_cast<uintptr_t>(a.const_data_ptr()) % 16 == 0,
+              "resaspp_ops._C: a must be a contiguous, 16-byte aligned [", P, ", C] of grad's dtype");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  at::Tensor dw = at::empty({1, Co, C}, grad.options().dtype(at::kFloat));
+  if (dw.numel() == 0) return dw[0];
+  if (P == 0) return dw.zero_()[0];
+  JobGeometry g = pointwise_geometry(grad, C, Co, {1, 1, 1});
+  mma::wgrad_strided(grad, branch * Co, grad.size(1), a, dw, g);
+  return dw[0];
 }
 
 }  // namespace separable

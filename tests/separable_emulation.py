@@ -184,6 +184,44 @@ class EmulatedKernels:
             v += shifted(ddn, -dy, -dx) * dwn[branch, k]
         gx += torch.from_numpy(v.reshape(-1, c)).to(gx.dtype)
 
+    def separable_pointwise_dgrad(self, grad, branch, pw, out, jobs, tile):
+        """The mma forward kernel run as the dA GEMM (one 1x1 branch, K = Co, N = C): the jobs' rows, 128-wide
+        blocks of C, K chunks of Co with zero fill; every element of out written once."""
+        gn = _nhwc(grad)
+        n, h, w, _ = gn.shape
+        pwn = _np(pw)[branch]                      # [C, Co]: rows = the GEMM's output channels
+        c, co = pwn.shape
+        kck = 64 // self.mma_elem
+        th, tw, stack = tile
+        res = np.full((n, h, w, c), np.nan)
+        writes = np.zeros(res.shape, dtype=np.int64)
+        for image, tile_i, b0, taps in jobs.cpu().tolist():
+            assert b0 == 0 and taps == 1 << 4, "the dA GEMM's jobs are the 1x1 branch's"
+            rows = [row_pixel(n, h, w, th, tw, stack, image, tile_i, m) for m in range(CS.BLOCK_M)]
+            ok = np.array([r is not None for r in rows])
+            idx = tuple(np.array([r[i] for r in rows if r is not None], dtype=int) for i in range(3))
+            g_rows = np.zeros((CS.BLOCK_M, gn.shape[3]))
+            g_rows[ok] = gn[idx]
+            for n0 in range(0, c, BLOCK_N):
+                acc = np.zeros((CS.BLOCK_M, BLOCK_N))
+                cols = np.arange(n0, min(n0 + BLOCK_N, c))
+                for k0 in range(0, cdiv(co, kck) * kck, kck):
+                    ks = np.arange(k0, min(k0 + kck, co))
+                    a = np.zeros((CS.BLOCK_M, kck))
+                    a[:, :len(ks)] = g_rows[:, branch * co + ks]
+                    bmat = np.zeros((kck, BLOCK_N))
+                    bmat[:len(ks), :len(cols)] = pwn[np.ix_(cols, ks)].T
+                    acc += a @ bmat
+                res[idx + (slice(n0, n0 + len(cols)),)] = acc[ok, :len(cols)]
+                writes[idx + (slice(n0, n0 + len(cols)),)] += 1
+        assert (writes == 1).all(), "dA elements not written exactly once"
+        out.copy_(torch.from_numpy(res.reshape(-1, c)))
+
+    def separable_pointwise_wgrad(self, grad, branch, a, co):
+        """The mma wgrad kernel with one 1x1 tap: [Co, C] = G_b^T a over every pixel (fp32 in the kernel)."""
+        gn = _nhwc(grad).reshape(-1, grad.shape[1])[:, branch * co:(branch + 1) * co]
+        return torch.from_numpy(gn.T @ _np(a))
+
     def separable_wgrad_dw(self, dd, x, rate):
         xn = _nhwc(x)
         n, h, w, c = xn.shape

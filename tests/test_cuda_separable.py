@@ -69,7 +69,8 @@ def test_emulated_forward_skips_the_dead_taps():
 
 @pytest.mark.parametrize("problem", AWKWARD + EXTRA, ids=str)
 @pytest.mark.parametrize("stage", list(SEPARABLE_STAGES))
-def test_emulated_backward_matches_float64(problem, stage):
+@pytest.mark.parametrize("kernel,elem", EMULATED, ids=["mma16", "mma32", "simt"])
+def test_emulated_backward_matches_float64(problem, stage, kernel, elem):
     a = make_separable_problem(problem, stage, torch.float64, seed=2, requires_grad=True)
     a.update(scale=None, shift=None, relu=False)  # the backend's grads are of the pre-epilogue output
     names = [n for n in ("x", "w1x1", "w_dw", "w_pw", "mid_scale", "mid_shift") if a[n] is not None]
@@ -77,7 +78,7 @@ def test_emulated_backward_matches_float64(problem, stage):
     g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     want = dict(zip(names, torch.autograd.grad(y, [a[n] for n in names], g)))
     d = detached_copy(a)
-    got = CS._backward(EmulatedKernels(), g, d["x"], d["w1x1"], d["w_dw"], d["w_pw"], d["rates"], d["mid_scale"],
+    got = CS._backward(EmulatedKernels(elem), kernel, g, d["x"], d["w1x1"], d["w_dw"], d["w_pw"], d["rates"], d["mid_scale"],
                        d["mid_shift"], d["mid_relu"], True, True, True)
     got = dict(zip(("x", "w1x1", "w_dw", "w_pw", "mid_scale", "mid_shift"), got))
     assert got["x"].is_contiguous(memory_format=torch.channels_last)
@@ -95,10 +96,10 @@ def test_emulated_backward_leaves_out_what_is_not_requested():
     y = multi_rate_separable_conv2d_reference(**a)
     g = torch.randn(y.shape, dtype=torch.float64)
     args = (g, a["x"], a["w1x1"], a["w_dw"], a["w_pw"], a["rates"], a["mid_scale"], a["mid_shift"], a["mid_relu"])
-    only_x = CS._backward(EmulatedKernels(), *args, True, False, False)
+    only_x = CS._backward(EmulatedKernels(), "mma", *args, True, False, False)
     assert only_x[0] is not None and all(t is None for t in only_x[1:])
-    only_mid = CS._backward(EmulatedKernels(), *args, False, False, True)
-    full = CS._backward(EmulatedKernels(), *args, True, True, True)
+    only_mid = CS._backward(EmulatedKernels(), "mma", *args, False, False, True)
+    full = CS._backward(EmulatedKernels(), "mma", *args, True, True, True)
     assert only_mid[:4] == (None,) * 4
     torch.testing.assert_close(only_mid[4], full[4], rtol=0, atol=0)
     torch.testing.assert_close(only_x[0], full[0], rtol=0, atol=0)

@@ -20,21 +20,25 @@ Backward (recompute: the forward stores no depthwise output), branch by branch w
 temporary in x's dtype reused by every branch:
 
     A_b  = mid_b(depthwise_b(x)) cast          separable_activation (CUDA)      only for the weight grads
-    grad Wpw_b = A_b^T G_b                     torch.mm (cuBLAS)
-    dA_b = G_b Wpw_b^T                         torch.mm (cuBLAS), into the temporary
+    grad Wpw_b = G_b^T A_b                     separable_pointwise_wgrad (mma) / torch.mm (simt)
+    dA_b = G_b Wpw_b^T                         separable_pointwise_dgrad (mma) / torch.mm (simt), into the temporary
     dM = dA (m > 0 under the mid ReLU), dD = dM s, per-chunk sums of dM D and dM   separable_mid_backward (CUDA)
     grad_x += depthwise transpose of dD_b       separable_dgrad_stencil (CUDA, fp32 / fp64 accumulator)
     grad w_dw_b = per-chunk sum_p dD x[p + d]   separable_wgrad_dw (CUDA)
 
 The pixel reductions are per-chunk partials (fixed pixel order inside a chunk) summed over the chunks by
-torch.sum: bitwise reproducible, no float atomics. The two GEMMs run on cuBLAS, not on kernels of ours
-(their fp32 follows torch.backends.cuda.matmul.allow_tf32, exact by default).
+torch.sum: bitwise reproducible, no float atomics. Where the mma family runs, the two pointwise GEMMs are
+the multi_rate_conv2d mma.sync kernels with one 1x1 branch (csrc/multi_rate_conv2d_mma_*.cu: dA over the
+plan's tiles, separable_plan.branch_jobs; the weight grad walking all pixels in one fixed order per output
+block, no split-K); with simt they run on torch.mm (cuBLAS, deterministic; fp32 follows
+torch.backends.cuda.matmul.allow_tf32, exact by default).
 
 `_forward` and `_backward` take the kernels as an argument: tests/separable_emulation.py runs this very
 host logic with NumPy emulations of the kernels on the CPU.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -42,7 +46,7 @@ import torch
 from resaspp_ops.backend import cuda as _cuda
 from resaspp_ops.backend import jobs as J
 from resaspp_ops.backend.reference_separable import depthwise_moments as _reference_moments
-from resaspp_ops.backend.separable_plan import pack_weights
+from resaspp_ops.backend.separable_plan import branch_jobs, pack_weights
 from resaspp_ops.op_common import accumulation_dtype
 
 BLOCK_M = 128  # pixel rows of a job (csrc/separable.h kBlockM): the tile size the plan is built for
@@ -83,6 +87,18 @@ def plan(n: int, h: int, w: int, rates: tuple) -> J.JobPlan:
     return J.job_plan(n, h, w, tuple(rates), th, tw, stack)
 
 
+@functools.lru_cache(maxsize=256)
+def _centre_jobs(p: J.JobPlan, device: torch.device) -> torch.Tensor:
+    """int32 [T, 4] on `device`: the 1x1 branch's jobs of the plan (every tile once, centre tap only), the work
+    list of the dA GEMM (separable_plan.branch_jobs)."""
+    return torch.from_numpy(branch_jobs(p)[0].copy()).to(device)
+
+
+def _aligned16(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy in its layout where its data does not start on a 16-byte boundary (a sliced view)."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def _forward(kernels, kernel, x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, scale, shift, relu):
     n, c, h, w = x.shape
     ops = pack_weights(w1x1, w_dw, w_pw, mid_scale, mid_shift, dtype=accumulation_dtype(x.dtype))
@@ -98,7 +114,7 @@ def forward(x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, scale, s
                     shift, relu)
 
 
-def _backward(kernels, grad, x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, need_x, need_w, need_mid):
+def _backward(kernels, kernel, grad, x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, need_x, need_w, need_mid):
     x = x.contiguous(memory_format=torch.channels_last)
     grad = grad.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
@@ -111,19 +127,27 @@ def _backward(kernels, grad, x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, m
     has_mid = ops.mid_scale is not None or ops.mid_shift is not None or mid_relu
     buf = x.new_empty((pixels, c))                              # A_b, then dA_b -> dD_b, branch by branch
     gx = torch.zeros((pixels, c), dtype=acc, device=x.device) if need_x else None
-    gpw = x.new_empty((1 + b, c, co)) if need_w else None
+    gpw = [None] * (1 + b)                                      # [Co, C] each
     gdw = torch.zeros((b, 9, c), dtype=acc, device=x.device) if need_w else None
     grad_scales, grad_shifts = [], []
+    mma = kernel == "mma"
+    if mma:
+        p = plan(n, h, w, tuple(rates))
+        jobs, tile = _centre_jobs(p, x.device), [p.tile_h, p.tile_w, p.stack]
+        grad, x_rows = _aligned16(grad), _aligned16(x_rows)     # the kernels copy 16-byte vectors
     for br in range(1 + b):
         rate = 1 if br == 0 else int(rates[br - 1])
         g_b = g_rows[:, br * co:(br + 1) * co]
         if need_w:
             a = x_rows if br == 0 else kernels.separable_activation(x, ops.dw, ops.mid_scale, ops.mid_shift,
                                                                     mid_relu, br, rate, buf)
-            torch.mm(a.t(), g_b, out=gpw[br])
+            gpw[br] = kernels.separable_pointwise_wgrad(grad, br, a, co) if mma else torch.mm(g_b.t(), a)
         if not (need_x or (br > 0 and (need_w or need_mid))):
             continue
-        torch.mm(g_b, ops.pw[br].t(), out=buf)                  # dA_b
+        if mma:                                                 # dA_b
+            kernels.separable_pointwise_dgrad(grad, br, ops.pw, buf, jobs, tile)
+        else:
+            torch.mm(g_b, ops.pw[br].t(), out=buf)
         if br > 0 and has_mid:                                  # dA_b -> dD_b, the mid-stage grads
             ps, pt = kernels.separable_mid_backward(x, ops.dw, ops.mid_scale, ops.mid_shift, mid_relu, br, rate, buf,
                                                     need_mid)
@@ -139,8 +163,8 @@ def _backward(kernels, grad, x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, m
     if need_x:
         grad_x = gx.to(x.dtype).view(n, h, w, c).permute(0, 3, 1, 2)
     if need_w:
-        grad_w1x1 = gpw[0].t().reshape(co, c, 1, 1).contiguous()
-        grad_w_pw = gpw[1:].transpose(1, 2).reshape(b, co, c, 1, 1).contiguous()
+        grad_w1x1 = gpw[0].to(w1x1.dtype).reshape(co, c, 1, 1).contiguous()
+        grad_w_pw = torch.stack(gpw[1:]).to(w_pw.dtype).reshape(b, co, c, 1, 1).contiguous()
         grad_w_dw = gdw.permute(0, 2, 1).reshape(b, c, 1, 3, 3).to(w_dw.dtype).contiguous()
     grad_mid_scale = torch.cat(grad_scales).to(mid_scale.dtype) if grad_scales else None
     grad_mid_shift = torch.cat(grad_shifts).to(mid_shift.dtype) if grad_shifts else None
@@ -148,8 +172,8 @@ def _backward(kernels, grad, x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, m
 
 
 def backward(grad, x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, need_x, need_w, need_mid):
-    kernel_choice(x.device, x.dtype, x.shape[1], w1x1.shape[0])  # RESASPP_CUDA_KERNEL's checks, as the forward's
-    return _backward(_cuda.extension(), grad, x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, need_x,
+    kernel, _ = kernel_choice(x.device, x.dtype, x.shape[1], w1x1.shape[0])
+    return _backward(_cuda.extension(), kernel, grad, x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, need_x,
                      need_w, need_mid)
 
 
