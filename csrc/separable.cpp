@@ -17,6 +17,8 @@ namespace resaspp {
 namespace separable {
 namespace {
 
+constexpr int64_t kWgradCtas = 256;  // the pointwise weight grad's target CTA count (about 2 waves of 132 SMs)
+
 at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // x [N, C, H, W] CUDA; dw [1+B, 9, C] in the accumulation dtype; the rates; returns 1+B.
@@ -245,12 +247,25 @@ at::Tensor pointwise_wgrad_cuda(const at::Tensor& grad, int64_t branch, const at
                   a.device() == grad.device() && reinterpret_cast<uintptr_t>(a.const_data_ptr()) % 16 == 0,
               "resaspp_ops._C: a must be a contiguous, 16-byte aligned [", P, ", C] of grad's dtype");
   const c10::cuda::CUDAGuard guard(grad.device());
-  at::Tensor dw = at::empty({1, Co, C}, grad.options().dtype(at::kFloat));
-  if (dw.numel() == 0) return dw[0];
-  if (P == 0) return dw.zero_()[0];
-  JobGeometry g = pointwise_geometry(grad, C, Co, {1, 1, 1});
-  mma::wgrad_strided(grad, branch * Co, grad.size(1), a, dw, g);
-  return dw[0];
+  // Split-K over groups of whole images, in a fixed order: S = min(N, kWgradCtas / output blocks) partials
+  // [S, Co, C], summed over S by at::sum (a fixed-order reduction): independent of the device, reproducible.
+  const int64_t N = grad.size(0), HW = grad.size(2) * grad.size(3);
+  const int64_t blocks = ((C + 127) / 128) * ((Co + 127) / 128);
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(N, kWgradCtas / std::max<int64_t>(blocks, 1)));
+  at::Tensor parts = at::empty({splits, Co, C}, grad.options().dtype(at::kFloat));
+  if (parts.numel() == 0) return parts.sum(0);
+  if (P == 0) return parts.zero_().sum(0);
+  for (int64_t s = 0; s < splits; ++s) {
+    const int64_t n0 = N * s / splits, n1 = N * (s + 1) / splits;
+    at::Tensor part = parts.narrow(0, s, 1);
+    if (n1 == n0) {
+      part.zero_();
+      continue;
+    }
+    const at::Tensor gs = grad.narrow(0, n0, n1 - n0), as = a.narrow(0, n0 * HW, (n1 - n0) * HW);
+    mma::wgrad_strided(gs, branch * Co, grad.size(1), as, part, pointwise_geometry(gs, C, Co, {1, 1, 1}));
+  }
+  return parts.sum(0);
 }
 
 }  // namespace separable

@@ -74,7 +74,8 @@ at::Tensor wgrad_dw_cuda(const at::Tensor& dd, const at::Tensor& x, int64_t rate
 // The backward's pointwise GEMMs on the mma.sync kernels of multi_rate_conv2d_mma.h (fp16 / bf16 / fp32 as
 // TF32, C and Co multiples of 8). grad [N, (1+B) Co, H, W] channels_last, its branch's channels:
 //   pointwise_dgrad: out[P, C] = G_b pw[branch]^T over the jobs (centre-only jobs of the plan's tiles)
-//   pointwise_wgrad: returns [Co, C] fp32 = G_b^T a, a [P, C] (A_b, or x for the 1x1), one fixed pixel order
+//   pointwise_wgrad: returns [Co, C] fp32 = G_b^T a, a [P, C] (A_b, or x for the 1x1): split over groups of
+//                    whole images (fixed split points), each walked in one fixed pixel order, summed in order
 void pointwise_dgrad_cuda(const at::Tensor& grad, int64_t branch, const at::Tensor& pw, at::Tensor& out,
                           const at::Tensor& jobs, const std::vector<int64_t>& tile);
 at::Tensor pointwise_wgrad_cuda(const at::Tensor& grad, int64_t branch, const at::Tensor& a, int64_t Co);

@@ -218,9 +218,18 @@ class EmulatedKernels:
         out.copy_(torch.from_numpy(res.reshape(-1, c)))
 
     def separable_pointwise_wgrad(self, grad, branch, a, co):
-        """The mma wgrad kernel with one 1x1 tap: [Co, C] = G_b^T a over every pixel (fp32 in the kernel)."""
+        """The mma wgrad kernel with one 1x1 tap, split over groups of whole images as csrc/separable.cpp does
+        (S = min(N, 256 / output blocks), split points N s / S), the parts summed in order: [Co, C]."""
+        n, _, h, w = grad.shape
+        an = _np(a)
         gn = _nhwc(grad).reshape(-1, grad.shape[1])[:, branch * co:(branch + 1) * co]
-        return torch.from_numpy(gn.T @ _np(a))
+        blocks = cdiv(an.shape[1], 128) * cdiv(co, 128)
+        splits = max(1, min(n, 256 // max(blocks, 1)))
+        out = np.zeros((co, an.shape[1]))
+        for s in range(splits):
+            p0, p1 = (n * s // splits) * h * w, (n * (s + 1) // splits) * h * w
+            out += gn[p0:p1].T @ an[p0:p1]
+        return torch.from_numpy(out)
 
     def separable_wgrad_dw(self, dd, x, rate):
         xn = _nhwc(x)
