@@ -4,6 +4,7 @@
 
 #include "mma_fragments.h"
 #include "multi_rate_conv2d.h"
+#include "separable.h"
 #if RESASPP_WITH_SM90
 #include "sm90.h"
 #endif
@@ -21,6 +22,42 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("need_w"), py::arg("kernel"), py::arg("dgrad_tables"), py::arg("dgrad_tile"),
         py::arg("wgrad_tables"), py::arg("wgrad_tile"));
   m.attr("max_branches") = resaspp::kMaxBranches;
+  namespace sep = resaspp::separable;
+  m.def("separable_forward", &sep::forward_cuda,
+        "out[N, (1+B)*Co, H, W] (channels_last) = the separable branches (depthwise, mid stage, pointwise) with "
+        "the epilogue, from the packed operands (dw [1+B, 9, C], pw [1+B, C, Co]) and the plan's jobs; kernel: mma "
+        "| simt (separable.h)",
+        py::arg("x"), py::arg("dw"), py::arg("pw"), py::arg("mid_scale"), py::arg("mid_shift"), py::arg("mid_relu"),
+        py::arg("scale"), py::arg("shift"), py::arg("relu"), py::arg("rates"), py::arg("kernel"), py::arg("jobs"),
+        py::arg("tile"));
+  m.def("separable_activation", &sep::activation_cuda,
+        "out[N H W, C] = branch's mid(depthwise(x)) in x's dtype (the pointwise A operand, recomputed)", py::arg("x"),
+        py::arg("dw"), py::arg("mid_scale"), py::arg("mid_shift"), py::arg("mid_relu"), py::arg("branch"),
+        py::arg("rate"), py::arg("out"));
+  m.def("separable_mid_backward", &sep::mid_backward_cuda,
+        "buf[N H W, C]: dA -> dD in place; returns [per-chunk sum dM*D [chunks, C], per-chunk sum dM] (undefined "
+        "where not needed)",
+        py::arg("x"), py::arg("dw"), py::arg("mid_scale"), py::arg("mid_shift"), py::arg("mid_relu"),
+        py::arg("branch"), py::arg("rate"), py::arg("buf"), py::arg("need_mid"));
+  m.def("separable_dgrad_stencil", &sep::dgrad_stencil_cuda,
+        "gx[N H W, C] (accumulation dtype) += the depthwise transpose of dd[N H W, C] for the branch", py::arg("dd"),
+        py::arg("dw"), py::arg("branch"), py::arg("rate"), py::arg("shape"), py::arg("gx"));
+  m.def("separable_wgrad_dw", &sep::wgrad_dw_cuda,
+        "per-chunk partials [chunks, 9, C] of sum_p dd[p, c] x[p + d_tap, c] (fixed pixel order)", py::arg("dd"),
+        py::arg("x"), py::arg("rate"));
+  m.def("separable_pointwise_dgrad", &sep::pointwise_dgrad_cuda,
+        "out[N H W, C] = grad's branch channels @ pw[branch]^T (mma.sync) over the centre-only jobs of the plan's "
+        "tiles", py::arg("grad"), py::arg("branch"), py::arg("pw"), py::arg("out"), py::arg("jobs"), py::arg("tile"));
+  m.def("separable_pointwise_wgrad", &sep::pointwise_wgrad_cuda,
+        "[Co, C] fp32 = grad's branch channels^T @ a[N H W, C] (mma.sync, one fixed pixel order)", py::arg("grad"),
+        py::arg("branch"), py::arg("a"), py::arg("co"));
+  py::dict sep_constants;
+  sep_constants["block_m"] = sep::kBlockM;
+  sep_constants["block_n"] = sep::kBlockN;
+  sep_constants["simt_n"] = sep::kSimtN;
+  sep_constants["simt_k"] = sep::kSimtK;
+  sep_constants["chunk_pixels"] = sep::kChunkPixels;
+  m.attr("separable_constants") = sep_constants;
   m.def(
       "mma_fragment_offsets",
       [](const std::string& operand, bool mn_major, bool tf32, int tile, int k, int ld, int elem) {

@@ -10,6 +10,7 @@
 // included by several .cu files.
 #pragma once
 
+#include "job_geometry.h"
 #include "mma_fragments.h"
 
 #include <cuda_bf16.h>
@@ -151,6 +152,50 @@ __device__ __forceinline__ void store2(__nv_bfloat16* p, float lo, float hi) {
 }
 __device__ __forceinline__ void store2(float* p, float lo, float hi) {
   *reinterpret_cast<float2*>(p) = make_float2(lo, hi);
+}
+
+// The epilogue of a 128 x 128 CTA of 2 x 2 warp tiles, from the accumulators: out[pixel of row m,
+// c_base + n] = ReLU?(acc * scale[c_base + n] + shift[c_base + n]) for the job's rows (row_pixel) and the
+// columns n0 + n < M; a thread holds rows 64 wm + 16 i + lane / 4 (+ 8), columns 64 wn + 8 j + 2 (lane % 4)
+// (pairs: M even). Shared by the multi-rate and the separable forward.
+template <typename T>
+__device__ __forceinline__ void store_epilogue(const float (&acc)[4][8][4], const JobGeometry& g, int image,
+                                               int tile, int wm, int wn, int lane, int n0, int M, int64_t c_base,
+                                               int64_t out_cstride, const float* __restrict__ scale,
+                                               const float* __restrict__ shift, bool relu, T* __restrict__ out) {
+  int64_t row_off[8];
+  bool row_ok[8];
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    int n, h, w;
+    row_ok[r] = row_pixel(g, image, tile, wm * 64 + 16 * (r / 2) + lane / 4 + 8 * (r % 2), n, h, w);
+    row_off[r] = row_ok[r] ? ((static_cast<int64_t>(n) * g.H + h) * g.W + w) * out_cstride + c_base : 0;
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int m = n0 + wn * 64 + 8 * j + 2 * (lane % 4);
+    if (m >= M) continue;
+    float s0 = 1.0f, s1 = 1.0f, h0 = 0.0f, h1 = 0.0f;
+    if (scale != nullptr) {
+      s0 = scale[c_base + m];
+      s1 = scale[c_base + m + 1];
+    }
+    if (shift != nullptr) {
+      h0 = shift[c_base + m];
+      h1 = shift[c_base + m + 1];
+    }
+#pragma unroll
+    for (int r = 0; r < 8; ++r) {
+      if (!row_ok[r]) continue;
+      float v0 = acc[r / 2][j][2 * (r % 2)] * s0 + h0;
+      float v1 = acc[r / 2][j][2 * (r % 2) + 1] * s1 + h1;
+      if (relu) {  // NaN stays NaN, as in torch.relu
+        v0 = v0 < 0.0f ? 0.0f : v0;
+        v1 = v1 < 0.0f ? 0.0f : v1;
+      }
+      store2(out + row_off[r] + m, v0, v1);
+    }
+  }
 }
 
 }  // namespace mma

@@ -3,6 +3,7 @@
 // multi_rate_conv2d_simt.h).
 #include "multi_rate_conv2d.h"
 
+#include "host_common.h"
 #include "job_geometry.h"
 #include "multi_rate_conv2d_mma.h"
 #include "multi_rate_conv2d_simt.h"
@@ -74,12 +75,16 @@ void check_tensor_cores(Kernel kernel, const at::Tensor& x, int64_t C, int64_t C
               "got C=", C, ", Co=", Co);
 }
 
+}  // namespace
+
 // The kernels copy 16-byte vectors (cp.async, TMA): data starting off a 16-byte boundary (a channel slice,
 // say) is copied once into fresh, aligned memory.
 at::Tensor aligned16(const at::Tensor& t) {
   if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0) return t;
   return t.clone(at::MemoryFormat::ChannelsLast);
 }
+
+namespace {
 
 // Whether the tensor-core kernels read w3x3 [B, Co, C, 3, 3] in place: C innermost, then kx, ky, Co and B
 // with strides growing outwards without overlap (FusedASPP's layout: each branch channels_last), every
@@ -104,6 +109,8 @@ std::pair<at::Tensor, at::Tensor> c_innermost_weights(const at::Tensor& w1x1, co
   return {w1, w3};
 }
 
+}  // namespace
+
 JobGeometry geometry(const at::Tensor& x, int64_t Co, const std::vector<int64_t>& rates,
                      const std::vector<int64_t>& tile, int k_chunks) {
   TORCH_CHECK(tile.size() == 3 && tile[0] >= 1 && tile[1] >= 1 && tile[2] >= 1,
@@ -123,6 +130,8 @@ JobGeometry geometry(const at::Tensor& x, int64_t Co, const std::vector<int64_t>
   for (size_t b = 0; b < rates.size(); ++b) g.rates[b + 1] = static_cast<int>(std::min<int64_t>(rates[b], kMaxRate));
   return g;
 }
+
+namespace {
 
 const at::Tensor& table(const std::vector<at::Tensor>& tables, size_t i, const at::Tensor& like) {
   TORCH_CHECK(tables.size() > i, "resaspp_ops._C: the ", i, "-th plan table is missing");

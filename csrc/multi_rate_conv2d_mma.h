@@ -36,5 +36,15 @@ void dgrad(const at::Tensor& grad, const at::Tensor& w1, const at::Tensor& w3, a
 //   grad [N, (1+B) Co, H, W], x [N, C, H, W], channels_last and 16-byte aligned; g: rates and sizes
 void wgrad(const at::Tensor& grad, const at::Tensor& x, at::Tensor& dw, const JobGeometry& g);
 
+// The separable op's pointwise GEMMs on the same kernels (csrc/separable.cpp), a single 1x1 "branch":
+// out[p, m] = sum_k in[p, in_offset + k] w[m, k]: in NHWC with in_cstride elements a pixel (16-byte aligned
+// rows and offset), w [M, K] K innermost, out [P, M] contiguous; jobs: centre-only jobs of the plan's tiles,
+// g: sizes with g.C = K, g.Co = M, one branch.
+void pointwise(const at::Tensor& in, int64_t in_offset, int64_t in_cstride, const at::Tensor& w, at::Tensor& out,
+               const at::Tensor& jobs, const JobGeometry& g);
+// wgrad with the grad read at `offset` elements into pixel rows of `cstride` elements (g: one branch): dw[1, Co, C].
+void wgrad_strided(const at::Tensor& grad, int64_t offset, int64_t cstride, const at::Tensor& x, at::Tensor& dw,
+                   const JobGeometry& g);
+
 }  // namespace mma
 }  // namespace resaspp

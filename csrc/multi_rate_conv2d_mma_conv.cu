@@ -176,41 +176,9 @@ __global__ void __launch_bounds__(kThreads) multi_tap_mma_kernel(
   }
   cp_async_wait<0>();
 
-  // Epilogue from the accumulators: rows 64 wm + 16 i + lane / 4 (+ 8), columns 64 wn + 8 j + 2 (lane % 4).
+  // Epilogue from the accumulators (mma_common.cuh).
   const int64_t c_base = kDgrad ? 0 : static_cast<int64_t>(job[2]) * g.Co;
-  int64_t row_off[8];
-  bool row_ok[8];
-#pragma unroll
-  for (int r = 0; r < 8; ++r) {
-    int n, h, w;
-    row_ok[r] = row_pixel(g, image, tile, wm * 64 + 16 * (r / 2) + lane / 4 + 8 * (r % 2), n, h, w);
-    row_off[r] = row_ok[r] ? ((static_cast<int64_t>(n) * g.H + h) * g.W + w) * out_cstride + c_base : 0;
-  }
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const int m = n0 + wn * 64 + 8 * j + 2 * (lane % 4);
-    if (m >= M) continue;
-    float s0 = 1.0f, s1 = 1.0f, h0 = 0.0f, h1 = 0.0f;
-    if (scale != nullptr) {
-      s0 = scale[c_base + m];
-      s1 = scale[c_base + m + 1];
-    }
-    if (shift != nullptr) {
-      h0 = shift[c_base + m];
-      h1 = shift[c_base + m + 1];
-    }
-#pragma unroll
-    for (int r = 0; r < 8; ++r) {
-      if (!row_ok[r]) continue;
-      float v0 = acc[r / 2][j][2 * (r % 2)] * s0 + h0;
-      float v1 = acc[r / 2][j][2 * (r % 2) + 1] * s1 + h1;
-      if (relu) {  // NaN stays NaN, as in torch.relu
-        v0 = v0 < 0.0f ? 0.0f : v0;
-        v1 = v1 < 0.0f ? 0.0f : v1;
-      }
-      store2(out + row_off[r] + m, v0, v1);
-    }
-  }
+  store_epilogue<T>(acc, g, image, tile, wm, wn, lane, n0, M, c_base, out_cstride, scale, shift, relu, out);
 #endif
 }
 
@@ -271,6 +239,19 @@ void dgrad(const at::Tensor& grad, const at::Tensor& w1, const at::Tensor& w3, a
     launch<T, true>(static_cast<const T*>(grad.const_data_ptr()), wt, static_cast<T*>(grad_x.data_ptr()), nullptr,
                     nullptr, false, jobs, masks.const_data_ptr<int>(), g, /*in_cstride=*/grad.size(1),
                     /*out_cstride=*/g.C, 1);
+  });
+}
+
+void pointwise(const at::Tensor& in, int64_t in_offset, int64_t in_cstride, const at::Tensor& w, at::Tensor& out,
+               const at::Tensor& jobs, const JobGeometry& g) {
+  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1 && w.size(0) == g.Co && w.size(1) == g.C,
+              "resaspp_ops._C: pointwise weights must be [M, K] with K innermost");
+  const Weights wt{w.const_data_ptr(), w.stride(0), w.const_data_ptr(), 0, 0, 0, 0};
+  dispatch(in.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    launch<T, false>(static_cast<const T*>(in.const_data_ptr()) + in_offset, wt, static_cast<T*>(out.data_ptr()),
+                     nullptr, nullptr, false, jobs, nullptr, g, in_cstride, /*out_cstride=*/g.Co,
+                     (g.Co + kBlockN - 1) / kBlockN);
   });
 }
 

@@ -166,6 +166,11 @@ __global__ void __launch_bounds__(kThreads) wgrad_mma_kernel(
 }  // namespace
 
 void wgrad(const at::Tensor& grad, const at::Tensor& x, at::Tensor& dw, const JobGeometry& g) {
+  wgrad_strided(grad, 0, grad.size(1), x, dw, g);
+}
+
+void wgrad_strided(const at::Tensor& grad, int64_t offset, int64_t cstride, const at::Tensor& x, at::Tensor& dw,
+                   const JobGeometry& g) {
   TORCH_CHECK(dw.scalar_type() == at::kFloat && dw.is_contiguous(), "resaspp_ops._C: dw must be contiguous fp32");
   const int taps = 1 + 9 * (g.num_branches - 1);
   const int64_t grid_y = (g.Co + kBlockM - 1) / kBlockM;
@@ -176,8 +181,8 @@ void wgrad(const at::Tensor& grad, const at::Tensor& x, at::Tensor& dw, const Jo
     auto kernel = wgrad_mma_kernel<T>;
     set_smem_limit(reinterpret_cast<const void*>(kernel), wgrad_smem<T>());
     kernel<<<grid, kThreads, wgrad_smem<T>(), c10::cuda::getCurrentCUDAStream()>>>(
-        static_cast<const T*>(grad.const_data_ptr()), static_cast<const T*>(x.const_data_ptr()),
-        dw.mutable_data_ptr<float>(), g, grad.size(1));
+        static_cast<const T*>(grad.const_data_ptr()) + offset, static_cast<const T*>(x.const_data_ptr()),
+        dw.mutable_data_ptr<float>(), g, cstride);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (x.scalar_type() == at::kHalf)

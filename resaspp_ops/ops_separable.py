@@ -9,9 +9,9 @@ branch is a plain 1x1 conv. Two custom ops, registered like multi_rate_conv2d's 
                                                         from the pre-epilogue grad
 
 The public function validates once (checks shared with multi_rate_conv2d: op_common.py), applies autocast,
-resolves the backend for this family (backend.SEPARABLE: "auto" is the reference everywhere until a kernel
-backend declares the family; naming one that has not raises NotImplementedError) and takes the same eager
-route as multi_rate_conv2d. `depthwise_moments` is the statistics pass a module with a BatchNorm between
+resolves the backend for this family (backend.SEPARABLE: "auto" takes the first available kernel backend of
+backend.auto_order on CUDA tensors, the reference elsewhere; naming a backend that does not implement the family
+raises NotImplementedError) and takes the same eager route as multi_rate_conv2d. `depthwise_moments` is the statistics pass a module with a BatchNorm between
 depthwise and pointwise runs in training (nn/mid_batchnorm.py).
 """
 from __future__ import annotations
@@ -203,9 +203,8 @@ def multi_rate_separable_conv2d(x: Tensor, w1x1: Tensor, w_dw: Tensor, w_pw: Ten
         scale, shift: optional [(1+B)*Co] epilogue (a folded BatchNorm) before the optional ReLU, as
             multi_rate_conv2d's.
         relu: ReLU after the epilogue.
-        backend: "auto" or "reference" ("cuda" and "triton" do not implement this op yet and raise
-            NotImplementedError; see
-            resaspp_ops.backends(op="multi_rate_separable_conv2d")).
+        backend: "auto", "reference", "cuda" or "triton" (see resaspp_ops.backends(op=
+            "multi_rate_separable_conv2d")).
 
     Returns:
         [N, (1+B)*Co, H, W] in x's dtype, channels_last, channels ordered 1x1, rates[0], ..., rates[B-1].

@@ -241,9 +241,19 @@ def test_backends_not_declaring_the_family_raise_not_implemented_naming_what_exi
     assert "does not implement" in report["cuda"].reason
 
 
-def test_the_triton_backend_declares_the_family():
-    assert backend_registry.implements("triton", FAMILY)
-    assert backend_registry.get("triton", FAMILY).__name__ == "resaspp_ops.backend.triton.separable"
+def test_the_kernel_backends_declare_the_family_and_say_why_they_cannot_run_cpu_tensors(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for name, module in (("triton", "resaspp_ops.backend.triton.separable"),
+                         ("cuda", "resaspp_ops.backend.cuda_separable")):
+        assert backend_registry.implements(name, FAMILY)
+        assert backend_registry.get(name, FAMILY).__name__ == module
+    a = make_separable_problem(Problem(1, 4, 2, 5, 5, (1,)), "plain")
+    for name in ("cuda", "triton"):
+        with pytest.raises(RuntimeError, match=rf"backend '{name}' cannot run"):
+            multi_rate_separable_conv2d(**a, backend=name)
+    report = resaspp_ops.backends("cpu", op="multi_rate_separable_conv2d")
+    assert not report["cuda"].available and "does not implement" not in report["cuda"].reason
+    assert not report["triton"].available and "does not implement" not in report["triton"].reason
 
 
 def test_auto_is_the_reference_until_a_kernel_backend_declares_the_family(monkeypatch):
@@ -265,6 +275,22 @@ def test_auto_is_the_reference_until_a_kernel_backend_declares_the_family(monkey
     a = make_separable_problem(Problem(1, 4, 2, 5, 5, (1,)), "plain")
     torch.testing.assert_close(multi_rate_separable_conv2d(**a, backend="triton"),
                                multi_rate_separable_conv2d_reference(**a))
+
+
+def test_auto_takes_the_first_available_kernel_backend_of_auto_order(monkeypatch):
+    """With the real FAMILIES, "auto" on CUDA tensors takes the first backend of auto_order that can run them
+    (before sm_90: cuda, then triton), the reference on the CPU."""
+    import warnings
+
+    from resaspp_ops.backend import cuda_separable
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto_order's pre-Hopper order
+    monkeypatch.setattr(cuda_separable, "availability", lambda device, dtype: (True, "patched"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backend_registry.resolve("auto", cuda, torch.bfloat16, FAMILY) == "cuda"
+    assert backend_registry.resolve("auto", torch.device("cpu"), torch.float32, FAMILY) == "reference"
 
 
 class TestBadInput:

@@ -41,7 +41,7 @@ MULTI_RATE = "multi_rate_conv2d"
 SEPARABLE = "multi_rate_separable_conv2d"
 FAMILIES = {
     MULTI_RATE: {"reference": "reference", "cuda": "cuda", "triton": "triton"},
-    SEPARABLE: {"reference": "reference_separable", "triton": "triton.separable"},
+    SEPARABLE: {"reference": "reference_separable", "cuda": "cuda_separable", "triton": "triton.separable"},
 }
 
 

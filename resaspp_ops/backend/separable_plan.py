@@ -26,10 +26,11 @@ from resaspp_ops.backend.jobs import JobPlan
 class SeparableOperands(NamedTuple):
     """The kernels' operands, every branch alike (branch 0 = the 1x1).
 
-    dw        [1+B, 9, C] fp32: depthwise taps, tap ky * 3 + kx; branch 0 is 1 at the centre, 0 elsewhere
+    dw        [1+B, 9, C] fp32 (pack_weights' dtype): depthwise taps, tap ky * 3 + kx; branch 0 is 1 at the
+              centre, 0 elsewhere
     pw        [1+B, C, Co] in x's dtype, K-major: branch 0 is w1x1, branch 1 + i is w_pw[i]
-    mid_scale [(1+B) * C] fp32 or None (branch 0: ones)
-    mid_shift [(1+B) * C] fp32 or None (branch 0: zeros)
+    mid_scale [(1+B) * C] fp32 (pack_weights' dtype) or None (branch 0: ones)
+    mid_shift [(1+B) * C] fp32 (pack_weights' dtype) or None (branch 0: zeros)
     """
 
     dw: torch.Tensor
@@ -38,20 +39,21 @@ class SeparableOperands(NamedTuple):
     mid_shift: torch.Tensor | None
 
 
-def pack_weights(w1x1, w_dw, w_pw, mid_scale, mid_shift) -> SeparableOperands:
+def pack_weights(w1x1, w_dw, w_pw, mid_scale, mid_shift, dtype=torch.float32) -> SeparableOperands:
     """SeparableOperands from the op's weights: w1x1 [Co, C, 1, 1], w_dw [B, C, 1, 3, 3], w_pw [B, Co, C, 1, 1],
-    mid_scale / mid_shift None or [B*C]."""
+    mid_scale / mid_shift None or [B*C]. dtype: of dw and the mid vectors (fp32; the CUDA backend's fp64 SIMT
+    kernels take fp64 for fp64 x, its accumulation dtype)."""
     co, c = w1x1.shape[:2]
     b = w_dw.shape[0]
-    dw = torch.zeros((1 + b, 9, c), dtype=torch.float32, device=w1x1.device)
+    dw = torch.zeros((1 + b, 9, c), dtype=dtype, device=w1x1.device)
     dw[0, 4] = 1.0
-    dw[1:] = w_dw.reshape(b, c, 9).permute(0, 2, 1).to(torch.float32)
+    dw[1:] = w_dw.reshape(b, c, 9).permute(0, 2, 1).to(dtype)
     pw = torch.cat([w1x1.reshape(1, co, c), w_pw.reshape(b, co, c)]).transpose(1, 2).contiguous()
 
     def extended(t, fill):
         if t is None:
             return None
-        return torch.cat([torch.full((c,), fill, dtype=torch.float32, device=t.device), t.to(torch.float32)])
+        return torch.cat([torch.full((c,), fill, dtype=dtype, device=t.device), t.to(dtype)])
 
     return SeparableOperands(dw, pw, extended(mid_scale, 1.0), extended(mid_shift, 0.0))
 
