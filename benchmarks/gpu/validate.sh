@@ -15,7 +15,7 @@
 #   build      build resaspp_ops._C (pip install -e, else setup.py build_ext --inplace)
 #   test-cuda  pytest -m cuda (the device-parametrised tests' cuda cases carry the marker), then
 #              pytest -m cuda again with RESASPP_CUDA_KERNEL=simt
-#   sanitize   compute-sanitizer memcheck, then racecheck, on benchmarks/gpu/sanitize_case.py (both backends)
+#   sanitize   compute-sanitizer memcheck, then racecheck, on benchmarks/gpu/sanitize_case.py (every backend, kernel family and design, both ops)
 #   test-all   the whole pytest suite (no -x: every failure is listed; xdist where installed)
 #   check      ../shared/tools/aspp_gpu_check.py, carried as .gpu_tools/ (writes $OUT/aspp_gpu_check.json)
 #   hbm        Nsight Compute's dram__bytes_read of one bf16 forward per provider at voc-os16 and cityscapes-os8
@@ -212,7 +212,7 @@ phase_sanitize() {
   local tool
   for tool in memcheck racecheck; do
     step "$tool" "$tool.log" 150 env RESASPP_TRITON_AUTOTUNE=0 \
-      "$cs" --tool "$tool" --error-exitcode 3 python benchmarks/gpu/sanitize_case.py cuda triton triton-v1 triton-separable
+      "$cs" --tool "$tool" --error-exitcode 3 python benchmarks/gpu/sanitize_case.py cuda triton triton-v1 triton-separable cuda-separable
   done
 }
 
