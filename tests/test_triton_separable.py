@@ -83,8 +83,9 @@ def test_half_precision_forward_and_grads(dtype):
 
 def test_padding_taps_are_skipped():
     """The forward processes exactly the live taps of its work list: at rates (12, 24, 36) on a 7 x 7 map
-    every off-centre tap is padding, so each job runs its centre tap alone."""
-    p = Problem(1, 17, 5, 7, 7, (12, 24, 36))
+    every off-centre tap is padding, so each job runs its centre tap alone (counted once a job, though Co = 40
+    takes two channel blocks a job here)."""
+    p = Problem(1, 17, 40, 7, 7, (12, 24, 36))
     args = make_separable_problem(p, "mid")
     with triton_backend.count_tap_tiles() as counter:
         multi_rate_separable_conv2d(**args, backend="triton")
@@ -141,6 +142,30 @@ def test_the_forward_creates_no_depthwise_sized_tensor():
     largest, y = _largest_created("triton", args)
     assert largest == y.numel() < depthwise
     assert _largest_created("reference", args)[0] >= depthwise
+
+
+@pytest.mark.parametrize("wanted", [("mid_scale", "mid_shift"), ("mid_shift",), ("w_dw", "w_pw"), ("x",),
+                                    ("w1x1", "mid_scale")], ids="+".join)
+def test_grad_subsets(wanted):
+    """The backward computes what is asked for (only the mid grads: no dD stored; only weights: no grad_x), each
+    as in the full backward."""
+    p = Problem(2, 12, 8, 6, 9, (1, 3))
+    args = make_separable_problem(p, "mid", seed=6)
+    for name in wanted:
+        args[name].requires_grad_(True)
+    g = torch.randn((p.n, 3 * p.co, p.h, p.w), generator=torch.Generator().manual_seed(8))
+    got = torch.autograd.grad(multi_rate_separable_conv2d(**args, backend="triton"), [args[n] for n in wanted], g)
+    args64 = detached_copy(args, torch.float64)
+    for name in wanted:
+        args64[name].requires_grad_(True)
+    want = torch.autograd.grad(multi_rate_separable_conv2d_reference(**args64), [args64[n] for n in wanted],
+                               g.double())
+    same = detached_copy(args)
+    for name in wanted:
+        same[name].requires_grad_(True)
+    pytorch = torch.autograd.grad(multi_rate_separable_conv2d_reference(**same), [same[n] for n in wanted], g)
+    for name, a, r, s_ in zip(wanted, got, want, pytorch):
+        assert_error_rule(a, r, s_, what=f"grad {name} of {wanted}")
 
 
 def test_the_backward_is_bitwise_reproducible():

@@ -28,27 +28,30 @@ class SeparableOperands(NamedTuple):
 
     dw        [1+B, 9, C] fp32 (pack_weights' dtype): depthwise taps, tap ky * 3 + kx; branch 0 is 1 at the
               centre, 0 elsewhere
-    pw        [1+B, C, Co] in x's dtype, K-major: branch 0 is w1x1, branch 1 + i is w_pw[i]
+    pw        [1+B, C, Co] in x's dtype, K-major: branch 0 is w1x1, branch 1 + i is w_pw[i]; None where not
+              asked for (a backward that reads the weights as the op takes them)
     mid_scale [(1+B) * C] fp32 (pack_weights' dtype) or None (branch 0: ones)
     mid_shift [(1+B) * C] fp32 (pack_weights' dtype) or None (branch 0: zeros)
     """
 
     dw: torch.Tensor
-    pw: torch.Tensor
+    pw: torch.Tensor | None
     mid_scale: torch.Tensor | None
     mid_shift: torch.Tensor | None
 
 
-def pack_weights(w1x1, w_dw, w_pw, mid_scale, mid_shift, dtype=torch.float32) -> SeparableOperands:
+def pack_weights(w1x1, w_dw, w_pw, mid_scale, mid_shift, dtype=torch.float32,
+                 pointwise: bool = True) -> SeparableOperands:
     """SeparableOperands from the op's weights: w1x1 [Co, C, 1, 1], w_dw [B, C, 1, 3, 3], w_pw [B, Co, C, 1, 1],
     mid_scale / mid_shift None or [B*C]. dtype: of dw and the mid vectors (fp32; the CUDA backend's fp64 SIMT
-    kernels take fp64 for fp64 x, its accumulation dtype)."""
+    kernels take fp64 for fp64 x, its accumulation dtype). pointwise=False: no K-major pointwise copy (pw None)."""
     co, c = w1x1.shape[:2]
     b = w_dw.shape[0]
     dw = torch.zeros((1 + b, 9, c), dtype=dtype, device=w1x1.device)
     dw[0, 4] = 1.0
     dw[1:] = w_dw.reshape(b, c, 9).permute(0, 2, 1).to(dtype)
-    pw = torch.cat([w1x1.reshape(1, co, c), w_pw.reshape(b, co, c)]).transpose(1, 2).contiguous()
+    pw = torch.cat([w1x1.reshape(1, co, c), w_pw.reshape(b, co, c)]).transpose(1, 2).contiguous() if pointwise \
+        else None
 
     def extended(t, fill):
         if t is None:

@@ -8,6 +8,7 @@ on disk by Triton (cache_results).
 """
 from __future__ import annotations
 
+import collections
 import functools
 
 import numpy as np
@@ -25,15 +26,22 @@ def _plan(k, x, n_out, rates):
     return config, plan
 
 
-_ON_DEVICE: dict = {}  # (id(array), device) -> (array, its copy there); the plans are cached, so few
+# (id(array), device) -> (array, its copy there), least recently used first: bounded, so that many shapes
+# (multi-scale training) do not keep every plan's copy alive.
+_ON_DEVICE: collections.OrderedDict = collections.OrderedDict()
+_ON_DEVICE_MAX = 256
 
 
 def _device_array(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A plan's host array on `device`, copied there once per plan and device."""
+    """A plan's host array on `device`, copied there once per plan and device (while it stays cached)."""
     key = (id(array), torch.device(device))
     entry = _ON_DEVICE.get(key)
     if entry is None or entry[0] is not array:
         entry = _ON_DEVICE[key] = (array, torch.from_numpy(array).to(device))
+        while len(_ON_DEVICE) > _ON_DEVICE_MAX:
+            _ON_DEVICE.popitem(last=False)
+    else:
+        _ON_DEVICE.move_to_end(key)
     return entry[1]
 
 

@@ -74,7 +74,7 @@ def backward(grad, x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, n
     k, _, kb = _kernels()
     xh = host.nhwc(x)
     g = host.nhwc(grad.to(x.dtype))
-    ops = pack_weights(w1x1, w_dw, w_pw, mid_scale, mid_shift)
+    ops = pack_weights(w1x1, w_dw, w_pw, mid_scale, mid_shift, pointwise=False)   # the GEMMs read pwt
     pwt = torch.cat([w1x1.reshape(1, co, c), w_pw.reshape(b, co, c)]).contiguous()   # [1+B, Co, C]
     rates_t = host.rates_tensor(tuple(rates), x.device)
     dconf = k.configs.separable_config("dgrad", n, h, w, c, co, x.dtype, x.device, tuple(rates))
@@ -92,16 +92,17 @@ def backward(grad, x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, n
                      False, tiles_w=plan.tiles_w, config=dconf, **args)
         if need_w:
             grad_w_dw = torch.zeros_like(w_dw)
-        dd = torch.empty((n, h, w, c), dtype=x.dtype, device=x.device) if b and (need_x or need_w or need_mid) \
-            else None
-        for i in range(b if dd is not None else 0):
+        dd = torch.empty((n, h, w, c), dtype=x.dtype, device=x.device) if b and (need_x or need_w) else None
+        for i in range(b if need_x or need_w or need_mid else 0):
             jobs = _device_array(lists.each[1 + i], x.device)
             mid_grad = torch.empty((2, t, c), dtype=torch.float32, device=x.device) if need_mid else None
             kb.dgrad(g, pwt, xh, ops, 1 + i, jobs, rates_t, dd, mid_grad, mid_relu, need_mid,
                      tiles_w=plan.tiles_w, config=dconf, **args)
-            if need_mid:
-                scale_parts.append(mid_grad[0].sum(dim=0))
-                shift_parts.append(mid_grad[1].sum(dim=0))
+            if need_mid:   # fixed-order sums over the jobs; a slot without its mid vector is never written
+                if mid_scale is not None:
+                    scale_parts.append(mid_grad[0].sum(dim=0))
+                if mid_shift is not None:
+                    shift_parts.append(mid_grad[1].sum(dim=0))
             if need_x:
                 kb.stencil(dd, ops, _device_array(lists.mirrored[1 + i], x.device), rates_t, gx,
                            tiles_w=plan.tiles_w, idx64=args["idx64"], config=sconf)

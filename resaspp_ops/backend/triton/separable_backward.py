@@ -46,8 +46,9 @@ def _separable_dgrad_kernel(
     dd_ptr,         # [N, H, W, C] NHWC out: dD of the branch, in x's dtype
     mid_grad_ptr,   # [2, T, C] fp32 out: per job sum_p dM D, sum_p dM; or dummy
     N, H, W, C, CO, GC, T, TILES_W,
-    RECOMPUTE: tl.constexpr,   # a mid stage: D is recomputed for the mask and the grads of the mid stage
+    RECOMPUTE: tl.constexpr,   # D recomputed: for the mid ReLU's mask and the grads of the mid stage
     HAS_MID_SCALE: tl.constexpr, HAS_MID_SHIFT: tl.constexpr, MID_RELU: tl.constexpr, NEED_MID: tl.constexpr,
+    STORE_DD: tl.constexpr,    # dD is needed (grad_x or the depthwise weight grad), not only the mid grads
     IDX64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     STACK: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
@@ -94,10 +95,11 @@ def _separable_dgrad_kernel(
                 tl.store(mid_grad_ptr + job * C + offs_c, column_sum(acc * d), mask=c_mask)
             if HAS_MID_SHIFT:
                 tl.store(mid_grad_ptr + (T + job) * C + offs_c, column_sum(acc), mask=c_mask)
-        if HAS_MID_SCALE:
+    if STORE_DD:
+        if HAS_MID_SCALE:   # branch 0's scale is 1 (separable_plan.pack_weights)
             acc = acc * tl.load(mid_scale_ptr + branch * C + offs_c, mask=c_mask, other=0.0)[None, :]
-    tl.store(dd_ptr + (row * C)[:, None] + offs_c[None, :], acc.to(dd_ptr.dtype.element_ty),
-             mask=valid[:, None] & c_mask[None, :])
+        tl.store(dd_ptr + (row * C)[:, None] + offs_c[None, :], acc.to(dd_ptr.dtype.element_ty),
+                 mask=valid[:, None] & c_mask[None, :])
 
 
 @triton.jit
@@ -239,29 +241,31 @@ def _pointwise_wgrad_kernel(
     tl.store(out + offs_b[:, None] * CO + offs_n[None, :], acc, mask=c_mask[:, None] & n_mask[None, :])
 
 
-def _program_split(t: int, other_programs: int, device, k) -> int:
-    """Pixel splits of a weight-grad launch: enough programs to fill the GPU, each split a long walk; two on the
-    interpreter so that the fixed-order reduction is exercised."""
+def _program_split(t: int, other_programs: int, device, k, cap: int | None = 16) -> int:
+    """Pixel splits of a weight-grad launch: enough programs to fill the GPU (at most `cap`, where the partials
+    are large), each split a long walk; two on the interpreter so that the fixed-order reduction is exercised."""
     if device.type != "cuda":
         return min(2, max(t, 1))
-    return max(1, min(t, k.configs.cdiv(2 * k.configs.sm_count(device.index or 0), other_programs), 16))
+    splits = min(t, k.configs.cdiv(2 * k.configs.sm_count(device.index or 0), other_programs))
+    return max(1, splits if cap is None else min(splits, cap))
 
 
 def dgrad(g, pwt, xh, ops, branch, jobs, rates_t, dd, mid_grad, mid_relu, need_mid, *, tiles_w, idx64, precision,
           upcast, config):
-    """dD of `branch` (its jobs [T, 4]) into dd (branch 0: its grad_x contribution); mid_grad [2, T, C] fp32 or
-    None."""
+    """dD of `branch` (its jobs [T, 4]) into dd, or None where only the mid grads are wanted (branch 0: its grad_x
+    contribution); mid_grad [2, T, C] fp32 or None."""
     n, h, w, c = xh.shape
     co = pwt.shape[1]
     t = jobs.shape[0]
     dummy = ops.dw
-    recompute = branch > 0 and (ops.mid_scale is not None or ops.mid_shift is not None or mid_relu)
+    need_mid = need_mid and mid_grad is not None
+    recompute = branch > 0 and (mid_relu or need_mid)   # a linear mid stage's dD needs no D
     grid = (t * triton.cdiv(c, config["BLOCK_N"]),)
     _separable_dgrad_kernel[grid](
         g, pwt, xh, ops.dw, dummy if ops.mid_scale is None else ops.mid_scale,
-        dummy if ops.mid_shift is None else ops.mid_shift, jobs, rates_t, dd,
+        dummy if ops.mid_shift is None else ops.mid_shift, jobs, rates_t, dummy if dd is None else dd,
         dummy if mid_grad is None else mid_grad, n, h, w, c, co, g.shape[3], t, tiles_w,
-        recompute, ops.mid_scale is not None, ops.mid_shift is not None, mid_relu, need_mid and mid_grad is not None,
+        recompute, ops.mid_scale is not None, ops.mid_shift is not None, mid_relu, need_mid, dd is not None,
         idx64, precision, upcast, **config)
 
 
@@ -278,7 +282,7 @@ def dw_wgrad(dd, xh, jobs, rates_t, k, *, tiles_w, idx64, config):
     n, h, w, c = xh.shape
     t = jobs.shape[0]
     n_cb = triton.cdiv(c, config["BLOCK_N"])
-    splits = _program_split(t, n_cb, xh.device, k)
+    splits = _program_split(t, n_cb, xh.device, k, cap=None)   # the partials are [splits, 9, C]: small
     per_split = triton.cdiv(t, splits)
     splits = triton.cdiv(t, per_split)
     partials = torch.empty((splits, 9, c), dtype=torch.float32, device=xh.device)
@@ -292,7 +296,7 @@ def pw_wgrad(xh, ops, g, all_jobs, rates_t, mid_relu, k, *, tiles_w, idx64, prec
     """[1+B, C, Co] fp32: every branch's pointwise weight grad A^T G (branch 0: w1x1's), K-major."""
     n, h, w, c = xh.shape
     nb_branches, t = all_jobs.shape[:2]
-    co = ops.pw.shape[2]
+    co = g.shape[3] // nb_branches
     blocks = nb_branches * triton.cdiv(c, config["BLOCK_C"]) * triton.cdiv(co, config["BLOCK_N"])
     splits = _program_split(t, blocks, xh.device, k)
     while splits > 1 and splits * nb_branches * c * co * 4 > (512 << 20):   # the partials' memory

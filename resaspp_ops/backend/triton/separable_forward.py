@@ -90,7 +90,8 @@ def _separable_forward_kernel(
     table, n_live = live_tap_table(taps)
     pw_job = pw_ptr + branch.to(tl.int64) * C * CO
     if COUNT:
-        tl.atomic_add(count_ptr, n_live.to(tl.int64))
+        if nb == 0:  # once a job, not once a channel block
+            tl.atomic_add(count_ptr, n_live.to(tl.int64))
 
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     for k0 in tl.range(0, C, BLOCK_K, num_stages=STAGES):
