@@ -25,12 +25,7 @@ import triton
 import triton.language as tl
 
 from resaspp_ops.backend.triton.separable_forward import depthwise_block, mid_stage
-from resaspp_ops.backend.triton.tiles import column_sum, job_rows, live_tap_table
-
-
-@triton.jit
-def _branch_rate(branch, rates_ptr):
-    return tl.where(branch == 0, 0, tl.load(rates_ptr + tl.maximum(branch - 1, 0)))
+from resaspp_ops.backend.triton.tiles import branch_rate, column_sum, job_rows, live_tap_table, load_job
 
 
 @triton.jit
@@ -57,9 +52,7 @@ def _separable_dgrad_kernel(
     N_CB = (C + BLOCK_N - 1) // BLOCK_N
     job = pid // N_CB
     cb = pid % N_CB
-    image = tl.load(jobs_ptr + job * 4)
-    tile = tl.load(jobs_ptr + job * 4 + 1)
-    branch = tl.load(jobs_ptr + job * 4 + 2)
+    image, tile, branch, taps, rate = load_job(jobs_ptr, job, rates_ptr)
     row, hh, ww, valid = job_rows(image, tile, TILES_W, N, H, W, STACK, TILE_H, TILE_W, BLOCK_M, IDX64)
     offs_c = cb * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = offs_c < C
@@ -79,9 +72,7 @@ def _separable_dgrad_kernel(
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     if RECOMPUTE:
-        taps = tl.load(jobs_ptr + job * 4 + 3)
         table, n_live = live_tap_table(taps)
-        rate = _branch_rate(branch, rates_ptr)
         c0 = cb * BLOCK_N
         offs_b = tl.arange(0, BLOCK_N)
         d = depthwise_block(x_ptr, dw_ptr, row, hh, ww, valid, table, n_live, branch, rate, c0, offs_b, c_mask,
@@ -117,11 +108,7 @@ def _depthwise_dgrad_kernel(
     N_CB = (C + BLOCK_N - 1) // BLOCK_N
     job = pid // N_CB
     cb = pid % N_CB
-    image = tl.load(jobs_ptr + job * 4)
-    tile = tl.load(jobs_ptr + job * 4 + 1)
-    branch = tl.load(jobs_ptr + job * 4 + 2)
-    taps = tl.load(jobs_ptr + job * 4 + 3)
-    rate = _branch_rate(branch, rates_ptr)
+    image, tile, branch, taps, rate = load_job(jobs_ptr, job, rates_ptr)
     row, hh, ww, valid = job_rows(image, tile, TILES_W, N, H, W, STACK, TILE_H, TILE_W, BLOCK_M, IDX64)
     offs_c = cb * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = offs_c < C
@@ -164,11 +151,7 @@ def _depthwise_wgrad_kernel(
     acc = tl.full([16, BLOCK_N], 0.0, tl.float32)   # row t: tap t (rows 9-15 unused)
     first = split * TILES_PER_SPLIT
     for t in range(first, tl.minimum(first + TILES_PER_SPLIT, T)):
-        image = tl.load(jobs_ptr + t * 4)
-        tile = tl.load(jobs_ptr + t * 4 + 1)
-        branch = tl.load(jobs_ptr + t * 4 + 2)
-        taps = tl.load(jobs_ptr + t * 4 + 3)
-        rate = _branch_rate(branch, rates_ptr)
+        image, tile, branch, taps, rate = load_job(jobs_ptr, t, rates_ptr)
         row, hh, ww, valid = job_rows(image, tile, TILES_W, N, H, W, STACK, TILE_H, TILE_W, BLOCK_M, IDX64)
         dv = tl.load(dd_ptr + (row * C)[:, None] + offs_c[None, :], mask=valid[:, None] & c_mask[None, :],
                      other=0.0).to(tl.float32)
@@ -211,7 +194,7 @@ def _pointwise_wgrad_kernel(
     cb = (pid // N_NB) % N_CB
     branch = (pid // (N_NB * N_CB)) % NB
     split = pid // (N_NB * N_CB * NB)
-    rate = _branch_rate(branch, rates_ptr)
+    rate = branch_rate(branch, rates_ptr)
     c0 = cb * BLOCK_C
     offs_b = tl.arange(0, BLOCK_C)
     c_mask = c0 + offs_b < C
@@ -221,9 +204,7 @@ def _pointwise_wgrad_kernel(
     acc = tl.full([BLOCK_C, BLOCK_N], 0.0, tl.float32)
     first = split * TILES_PER_SPLIT
     for t in range(first, tl.minimum(first + TILES_PER_SPLIT, T)):
-        image = tl.load(branch_jobs + t * 4)
-        tile = tl.load(branch_jobs + t * 4 + 1)
-        taps = tl.load(branch_jobs + t * 4 + 3)
+        image, tile, _, taps, _ = load_job(branch_jobs, t, rates_ptr)
         row, hh, ww, valid = job_rows(image, tile, TILES_W, N, H, W, STACK, TILE_H, TILE_W, BLOCK_M, IDX64)
         table, n_live = live_tap_table(taps)
         d = depthwise_block(x_ptr, dw_ptr, row, hh, ww, valid, table, n_live, branch, rate, c0, offs_b, c_mask,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from resaspp_ops.backend.triton.tiles import epilogue_store, job_rows, live_tap_table
+from resaspp_ops.backend.triton.tiles import epilogue_store, job_rows, live_tap_table, load_job
 
 
 @triton.jit
@@ -77,11 +77,7 @@ def _separable_forward_kernel(
     N_NB = (CO + BLOCK_N - 1) // BLOCK_N
     job = pid // N_NB
     nb = pid % N_NB
-    image = tl.load(jobs_ptr + job * 4)
-    tile = tl.load(jobs_ptr + job * 4 + 1)
-    branch = tl.load(jobs_ptr + job * 4 + 2)
-    taps = tl.load(jobs_ptr + job * 4 + 3)
-    rate = tl.where(branch == 0, 0, tl.load(rates_ptr + tl.maximum(branch - 1, 0)))
+    image, tile, branch, taps, rate = load_job(jobs_ptr, job, rates_ptr)
 
     row, hh, ww, valid = job_rows(image, tile, TILES_W, N, H, W, STACK, TILE_H, TILE_W, BLOCK_M, IDX64)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)

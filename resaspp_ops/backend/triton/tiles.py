@@ -200,6 +200,22 @@ def job_rows(image, tile, TILES_W, N, H, W, STACK: tl.constexpr, TILE_H: tl.cons
 
 
 @triton.jit
+def branch_rate(branch, rates_ptr):
+    """The dilation of `branch` (0 for the 1x1, rates[branch - 1] otherwise); rates_ptr [B] int32."""
+    return tl.where(branch == 0, 0, tl.load(rates_ptr + tl.maximum(branch - 1, 0)))
+
+
+@triton.jit
+def load_job(jobs_ptr, job, rates_ptr):
+    """(image, tile, branch, taps, rate) of item `job` of a work list [J, 4] int32 (backend/jobs.py)."""
+    image = tl.load(jobs_ptr + job * 4)
+    tile = tl.load(jobs_ptr + job * 4 + 1)
+    branch = tl.load(jobs_ptr + job * 4 + 2)
+    taps = tl.load(jobs_ptr + job * 4 + 3)
+    return image, tile, branch, taps, branch_rate(branch, rates_ptr)
+
+
+@triton.jit
 def live_tap_table(taps):
     """(table, n_live): the set bits of a 9-bit tap mask as 4-bit tap indices in tap order (int64: nine taps
     take 36 bits), and their count."""
