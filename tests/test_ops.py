@@ -285,7 +285,51 @@ def test_auto_order_follows_the_arch_dtype_and_tf32_switch(monkeypatch):
     assert backend_registry.auto_order(cuda, torch.float64)[0][0] == "cuda"
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     order, why = backend_registry.auto_order(cuda, torch.float32)
-    assert order == ("reference",) and "allow_tf32" in why
+    assert order == ("reference",) and "TF32 off" in why
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert backend_registry.auto_order(cuda, torch.bfloat16)[0][0] == "cuda"
     assert backend_registry.auto_order(torch.device("cpu"), torch.bfloat16)[0] == ("reference",)
+
+
+@pytest.fixture
+def fp32_precision_restored():
+    """Puts PyTorch's fp32 precision settings (both APIs share them) back as they were."""
+    getter = torch._C._get_fp32_precision_getter
+    saved = {key: getter(*key) for key in (("generic", "all"), ("cuda", "all"), ("cuda", "conv"), ("cuda", "rnn"),
+                                           ("cuda", "matmul"))}
+    yield
+    for (backend, op), value in saved.items():  # parents first: setting one resets its children
+        torch._C._set_fp32_precision_setter(backend, op, value)
+
+
+@pytest.mark.parametrize("api", ["conv", "cudnn", "global"])
+def test_tf32_switch_follows_the_new_precision_api(api, fp32_precision_restored, monkeypatch):
+    """PyTorch's new precision API (torch.backends[.cudnn[.conv]].fp32_precision) makes the legacy
+    torch.backends.cudnn.allow_tf32 raise on read once convolutions and RNNs differ; every fp32 decision of the
+    package (auto's order, the Triton dot precision, the CUDA kernel choice, the bench metadata) reads the one
+    helper, which follows the new API's inheritance (conv, else cuDNN, else global)."""
+    pytest.importorskip("triton")
+    from resaspp_ops.backend import cuda as cuda_backend
+    from resaspp_ops.backend import precision
+    from resaspp_ops.backend.triton import configs
+    from resaspp_ops.bench import environment
+
+    settings = {"conv": torch.backends.cudnn.conv, "cudnn": torch.backends.cudnn, "global": torch.backends}[api]
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(cuda_backend, "_capability", lambda index: (9, 0))
+    for value, tf32 in (("ieee", False), ("tf32", True), ("ieee", False)):
+        if api != "conv":
+            torch.backends.cudnn.conv.fp32_precision = "none"  # inherit from the level under test
+        settings.fp32_precision = value
+        if api == "conv" and not tf32:  # convolutions apart from RNNs: the legacy flag cannot answer
+            with pytest.raises(RuntimeError):
+                torch.backends.cudnn.allow_tf32
+        assert precision.tf32_convolutions() is tf32
+        order, why = backend_registry.auto_order(cuda, torch.float32)
+        assert (order == ("reference",)) is not tf32, why
+        assert configs.dot_precision(torch.float32) == ("tf32" if tf32 else "ieee")
+        assert configs.dot_precision(torch.bfloat16) == "tf32"
+        assert cuda_backend.kernel_choice(cuda, torch.float32, 64, 64)[0] == ("mma" if tf32 else "simt")
+        assert environment.metadata(torch.device("cpu"), "test")["cudnn_allow_tf32"] is tf32

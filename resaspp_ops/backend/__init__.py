@@ -29,6 +29,8 @@ from typing import NamedTuple
 
 import torch
 
+from resaspp_ops.backend import precision
+
 NAMES = ("reference", "cuda", "triton")
 # The order "auto" tries on a CUDA device by default, among the backends that implement the family
 # (auto_order refines it per arch and dtype); the CPU always gets the reference (oneDNN) path.
@@ -91,9 +93,9 @@ def auto_order(device: torch.device, dtype: torch.dtype,
     order); backends that do not implement the family are left out."""
     if device.type != "cuda":
         return ("reference",), f"{device.type} tensors run on the reference backend (PyTorch's own convolutions)"
-    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
-        return ("reference",), ("fp32 with TF32 off (torch.backends.cudnn.allow_tf32 = False): no fused kernel is "
-                                "expected to beat cuDNN's exact fp32 convolutions, so PyTorch's run")
+    if dtype == torch.float32 and not precision.tf32_convolutions():
+        return ("reference",), (f"fp32 with TF32 off ({precision.describe()}): no fused kernel is expected to beat "
+                                "cuDNN's exact fp32 convolutions, so PyTorch's run")
     if dtype in (torch.float16, torch.bfloat16, torch.float32) and torch.cuda.is_available() \
             and torch.cuda.get_device_capability(device) >= (9, 0):
         order, reason = AUTO_ORDER_SM90, "sm_90: Triton first until the GPU numbers decide"

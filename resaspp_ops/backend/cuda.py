@@ -21,7 +21,8 @@ import os
 
 import torch
 
-from resaspp_ops.backend import mma_plan, sm90_plan
+from resaspp_ops.backend import mma_plan, precision, sm90_plan
+from resaspp_ops.backend.precision import tf32_convolutions
 
 KERNELS = ("auto", "sm90", "mma", "simt")
 
@@ -70,14 +71,6 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def tf32_convolutions() -> bool:
-    """Whether PyTorch lets fp32 convolutions use TF32 (what cuDNN would do with the same tensors)."""
-    try:
-        return bool(torch.backends.cudnn.allow_tf32)
-    except RuntimeError:  # the new API set convolutions and RNNs apart: the convolutions' flag decides
-        return torch.backends.cudnn.conv.fp32_precision == "tf32"
-
-
 def sm90_built() -> bool:
     module = extension()
     return bool(getattr(module, "sm90_built", False))
@@ -101,7 +94,7 @@ def _why_not(kernel: str, capability, dtype: torch.dtype, c: int, co: int) -> st
     if capability < (8, 0):
         return f"needs an sm_80 or newer GPU, got sm_{capability[0]}{capability[1]}"
     if dtype == torch.float32 and not tf32_convolutions():
-        return "float32 with TF32 disallowed (torch.backends.cudnn.allow_tf32 = False) runs exact fp32 (simt)"
+        return f"float32 with TF32 disallowed ({precision.describe()}) runs exact fp32 (simt)"
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"takes float16, bfloat16 or float32 (as TF32), got {dtype}"
     return shape

@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from resaspp_ops.backend.precision import tf32_convolutions
+
 # The checkout the package was imported from (an editable install), if it is one.
 SOURCE_TREE = Path(__file__).resolve().parents[2]
 
@@ -79,5 +81,5 @@ def metadata(device: torch.device, command: str) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "cpu_threads": torch.get_num_threads(),
-        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "cudnn_allow_tf32": tf32_convolutions(),
     }

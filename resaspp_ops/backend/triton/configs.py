@@ -19,6 +19,8 @@ import os
 import torch
 import triton
 
+from resaspp_ops.backend.precision import tf32_convolutions
+
 _TRUE = ("1", "true", "on", "yes")
 
 
@@ -36,8 +38,8 @@ def autotune_enabled(device: torch.device) -> bool:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot's input_precision: TF32 for fp32 only where PyTorch's conv would use it (cudnn.allow_tf32)."""
-    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+    """tl.dot's input_precision: TF32 for fp32 only where PyTorch's conv would use it (backend/precision.py)."""
+    if dtype == torch.float32 and not tf32_convolutions():
         return "ieee"
     return "tf32"  # the default; fp16 / bf16 operands ignore it
 
