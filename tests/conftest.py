@@ -36,12 +36,16 @@ def gpu_device():
 def triton_interpreter():
     """TRITON_INTERPRET=1 for a module's tests, set before the Triton kernels are first imported (Triton fixes
     compiled-or-interpreted then; they stay so for the process) and restored after. Steps aside where a GPU is
-    visible: the compiled kernels are tested there, and a process holds only one kind."""
+    visible: the compiled kernels are tested there, and a process holds only one kind; and where this Triton's
+    interpreter cannot run with this NumPy (triton-lang/triton#9171), with that reason."""
     pytest.importorskip("triton")
     from resaspp_ops.backend import triton as triton_backend
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: the compiled kernels are tested there")
+    conflict = triton_backend._interpreter_numpy_conflict()
+    if conflict:  # this Triton's interpreter cannot run here at all (availability() says the same)
+        pytest.skip(conflict)
     if triton_backend.kernels_mode() == "compiled":
         pytest.skip("the Triton kernels were already loaded compiled in this process")
     previous = os.environ.get("TRITON_INTERPRET")
