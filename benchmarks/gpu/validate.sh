@@ -1,47 +1,78 @@
 #!/usr/bin/env bash
-# GPU validation in phases, each bounded so that a device call (10 minutes at most) always ends with its
-# summary written. Run from the repo root on the lent machine; everything lands under $OUT (the device
-# tool brings it back); results get committed under benchmarks/results/. See benchmarks/README.md
-# ("On a lent GPU") for the planned calls and their expected times.
+# GPU validation in phases, each bounded so that a device call always ends with its summary written. Run from
+# the repo root on the lent machine; everything lands under $OUT (the device tool brings it back); results get
+# committed under benchmarks/results/. See benchmarks/README.md ("On a lent GPU") for the plan, the expected
+# time of each phase (measured by benchmarks/gpu/rehearse.sh) and what to do with the results.
 #
 #   bash benchmarks/gpu/validate.sh PHASE [PHASE...] [bench ARGS...]
 #
-#   session    the whole plan of a GPU session in ONE call (a session has 15 minutes of device time):
-#              build; then at once, for SESSION_GROUP_S seconds (default 200): pytest -m cuda (xdist),
-#              compute-sanitizer, and bench-first's cases with --check-only (their correctness on every
-#              provider, and warm Triton / Inductor compile caches for the timed run); then alone on the
-#              GPU: check, and bench-first; last, pytest -m "not cuda" with what is left of the deadline
+#   session    the first call of a GPU session (VALIDATE_BUDGET_S, default 540 s), in priority order, each step
+#              alone on the GPU: build; pytest -m cuda; the independent check; bench-first
+#   session2   the second call, on the still-warm machine, if the first left device time: sanitize, hbm,
+#              bench-second, then pytest -m "not cuda" with what is left
 #   env        versions, nvidia-smi, the toolkit found, pip list (seconds; every phase starts with it)
-#   build      build resaspp_ops._C (pip install -e, else setup.py build_ext --inplace)
-#   test-cuda  pytest -m cuda (the device-parametrised tests' cuda cases carry the marker), then
-#              pytest -m cuda again with RESASPP_CUDA_KERNEL=simt
-#   sanitize   compute-sanitizer memcheck, then racecheck, on benchmarks/gpu/sanitize_case.py (every backend, kernel family and design, both ops)
-#   test-all   the whole pytest suite (no -x: every failure is listed; xdist where installed)
+#   tools      install what prepare.sh carried in .gpu_tools/wheels (nvidia-cutlass, setuptools,
+#              segmentation-models-pytorch) into /tmp/resaspp_site (RESASPP_SITE_DIR), offline (every phase
+#              starts with it)
+#   build      build resaspp_ops._C for TORCH_CUDA_ARCH_LIST (default 9.0: sm_90a), with the carried CUTLASS
+#   test-cuda  pytest -m cuda (the device-parametrised tests' cuda cases carry the marker), xdist where present
+#   test-cpu   pytest -m "not cuda" (what CI runs; the rehearsal runs it on the CPU)
+#   test-all   the whole pytest suite
+#   sanitize   compute-sanitizer memcheck, then racecheck, on benchmarks/gpu/sanitize_case.py (every backend,
+#              kernel family and design, both ops)
 #   check      ../shared/tools/aspp_gpu_check.py, carried as .gpu_tools/ (writes $OUT/aspp_gpu_check.json)
 #   hbm        Nsight Compute's dram__bytes_read of one bf16 forward per provider at voc-os16 and cityscapes-os8
 #              (benchmarks/gpu/hbm_bytes.py): $OUT/hbm_bytes.json, the HBM bytes against those of x + weights
+#   bench-first   the module-level bf16 run (FIRST_BENCH_ARGS below), files tagged bf16-module
+#   bench-second  the branch level (SECOND_BENCH_ARGS), files tagged bf16-branches
 #   bench ARGS the benchmark suite, `resaspp bench --device cuda --out-dir $OUT/results ARGS`; must be the
 #              last phase named (everything after it goes to the suite)
-#   bench-first  the first benchmark run's argument set (FIRST_BENCH_ARGS below), files tagged bf16-module
-#   bench-second the branch level's run (SECOND_BENCH_ARGS), for a short second call on the warm machine
 #
 # VALIDATE_BENCH_DEVICE=cpu runs the bench phases on the CPU: a dry run of this script where no GPU is.
 #
-# Phases share one deadline, VALIDATE_BUDGET_S seconds (default 560) from the start: each step gets what
-# is left (or its own cap), is stopped by `timeout` when it runs over, and the rest are reported as
-# skipped. At the end every log goes into $OUT/logs.tar.gz: the device tool brings back at most 8 files,
-# and what comes back is summary.txt, logs.tar.gz, aspp_gpu_check.json and the bench's results/*.
+# The image this runs on may lack `python` (only python3, /opt/torch/.venv/bin/python3), git, CUTLASS and
+# segmentation-models-pytorch, and reaches no network: the interpreter is found here (the first of python3,
+# python, /opt/torch/.venv/bin/python3 that imports torch; `python` then names it for every child process),
+# a git stand-in answers `rev-parse HEAD` from RESASPP_BENCH_COMMIT, and the wheels come from .gpu_tools/.
 #
-# Before the device call, on the workstation: `bash benchmarks/gpu/prepare.sh` (copies the check script and
-# .git into .gpu_tools/, prints the command) and pass carry=[".gpu_tools"] to the call. The device copy of
-# the tree has no .git of its own; RESASPP_BENCH_COMMIT=<sha> in the command names the commit too.
+# Phases share one deadline, VALIDATE_BUDGET_S seconds from the start: each step gets what is left (or its own
+# cap), is stopped by `timeout` when it runs over, and the rest are reported as skipped. At the end every log
+# goes into $OUT/logs.tar.gz: the device tool brings back at most 8 files, and what comes back is summary.txt,
+# logs.tar.gz, aspp_gpu_check.json, hbm_bytes.json and the bench's results/*.
+#
+# Before the device call, on the workstation: `bash benchmarks/gpu/prepare.sh` (fills .gpu_tools/, prints the
+# command) and pass carry=[".gpu_tools"] to the call.
 set -uo pipefail
 T_START=$SECONDS
-BUDGET=${VALIDATE_BUDGET_S:-560}
+BUDGET=${VALIDATE_BUDGET_S:-540}
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export OUT
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+summary="$OUT/summary.txt"
+failed_mark="$OUT/.failed"  # a file, so that steps run in the background can report failure too
+rm -f "$failed_mark"
+SHIMS=${RESASPP_SHIMS_DIR:-/tmp/resaspp_shims}  # stand-ins for `python` and `git` where the image has none
+SITE=${RESASPP_SITE_DIR:-/tmp/resaspp_site}     # the carried wheels, installed offline
+mkdir -p "$SHIMS" "$SITE"
+
+find_python() {  # the interpreter that holds torch
+  local c
+  for c in "${RESASPP_PYTHON:-}" python3 python /opt/torch/.venv/bin/python3; do
+    [[ -n "$c" ]] || continue
+    c=$(command -v "$c" 2>/dev/null) || continue
+    "$c" -c "import torch" 2>/dev/null && { echo "$c"; return 0; }
+  done
+  return 1
+}
+PY=$(find_python) || { echo "validate: no python3 / python / /opt/torch/.venv/bin/python3 imports torch" | tee -a "$summary"; exit 1; }
+export PATH="$SHIMS:$PATH"
+if [[ "$(command -v python 2>/dev/null)" != "$PY" ]]; then
+  printf '#!/bin/sh\nexec %s "$@"\n' "$PY" > "$SHIMS/python" && chmod +x "$SHIMS/python"
+fi
+PY_BIN=$(dirname "$PY")  # pip-installed scripts (resaspp) land beside the interpreter
+export PATH="$SHIMS:$PY_BIN:${PATH#"$SHIMS:"}"
+
 # benchmarks/gpu/prepare.sh carries a copy of .git as .gpu_tools/git (the device copy of the tree has none):
 # through it git there names the measured commit, for the suite (meta.commit, meta.dirty) and the check script.
 if [[ ! -e .git && -d .gpu_tools/git ]]; then
@@ -49,23 +80,30 @@ if [[ ! -e .git && -d .gpu_tools/git ]]; then
   # The copy may belong to another user than the one running here: git would refuse it as unsafe.
   export GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0='*'
 fi
+if ! command -v git > /dev/null; then
+  # No git on the image: `rev-parse HEAD` answers RESASPP_BENCH_COMMIT; anything else fails, so callers fall back
+  # to "unknown" (the suite then records dirty = null).
+  cat > "$SHIMS/git" <<'EOF'
+#!/bin/sh
+if [ "$1" = rev-parse ] && [ "$2" = HEAD ] && [ -n "$RESASPP_BENCH_COMMIT" ]; then echo "$RESASPP_BENCH_COMMIT"; exit 0; fi
+echo "git: not installed here (a stand-in that answers only rev-parse HEAD)" >&2
+exit 1
+EOF
+  chmod +x "$SHIMS/git"
+fi
 export RESASPP_BENCH_COMMIT=${RESASPP_BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 # The checkout first on the import path: scripts run by path (sanitize_case.py, the check) import the
-# package from here even where `pip install -e` did not happen (a fresh machine with a carried .so).
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# package from here even where `pip install -e` did not happen; then the carried wheels.
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 # Logs written as they come: a step stopped by `timeout` keeps everything it printed.
 export PYTHONUNBUFFERED=1
 # Triton keeps its autotuning choices on disk: a later phase or call on the same machine reuses them.
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
-summary="$OUT/summary.txt"
-failed_mark="$OUT/.failed"  # a file, so that steps run in the background can report failure too
-rm -f "$failed_mark"
-GROUP_END=""  # while set: the end (in $SECONDS) of the concurrent group under way
+# Nothing can be downloaded there: pip must not try (and wait on) an index.
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-left() {  # seconds left of the deadline, or of the concurrent group under way if that ends sooner
-  local l=$((BUDGET - (SECONDS - T_START)))
-  if [[ -n "$GROUP_END" ]] && (( GROUP_END - SECONDS < l )); then l=$((GROUP_END - SECONDS)); fi
-  echo "$l"
+left() {  # seconds left of the deadline
+  echo $((BUDGET - (SECONDS - T_START)))
 }
 
 mark_failed() { touch "$failed_mark"; }
@@ -134,12 +172,12 @@ phase_env() {
   find_cuda_home
   {
     echo "commit: $RESASPP_BENCH_COMMIT"
-    echo "python: $(command -v python) $(python --version 2>&1)"
+    echo "python: $PY ($("$PY" --version 2>&1)); python on PATH: $(command -v python); git: $(command -v git)"
     echo "CUDA_HOME=${CUDA_HOME:-} nvcc=$(command -v nvcc || echo none) compute-sanitizer=$(find_sanitizer || true)"
     python - <<'EOF'
 import importlib
 for name in ("torch", "triton", "torchvision", "numpy", "scipy", "matplotlib", "tqdm", "pytest", "setuptools",
-             "ninja", "pybind11"):
+             "ninja", "pybind11", "segmentation_models_pytorch", "timm"):
     try:
         mod = importlib.import_module(name)
         print(f"{name}: {getattr(mod, '__version__', 'present')}")
@@ -156,31 +194,58 @@ EOF
   sed -n '/^--- nvidia-smi/q;p' "$OUT/env.txt" | tee -a "$summary"
 }
 
-have_c() { python -c "import resaspp_ops._C" 2>/dev/null; }
-
-ensure_setuptools() {  # pyproject.toml needs setuptools >= 77; prepare.sh carries a wheel for an older image
-  python -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" 2>/dev/null && return 0
-  local whl; whl=$(ls .gpu_tools/wheels/setuptools-*.whl 2>/dev/null | head -n 1)
-  if [[ -z "$whl" ]]; then
-    echo "build: setuptools < 77 here and no carried wheel (benchmarks/gpu/prepare.sh): the build will fail" \
-      | tee -a "$summary"
-    return 1
-  fi
-  python -m pip install -q --no-index --no-deps --target /tmp/resaspp_setuptools "$whl" \
-    && export PYTHONPATH="/tmp/resaspp_setuptools:$PYTHONPATH" \
-    && echo "build: the image's setuptools is < 77: using the carried $(basename "$whl")" | tee -a "$summary"
+carried_wheel() {  # carried_wheel NAME: the wheel prepare.sh put in .gpu_tools/wheels, or nothing
+  ls .gpu_tools/wheels/"$1"-*.whl 2>/dev/null | head -n 1
 }
 
+python_has() {  # python_has MODULE [MIN_MAJOR MAX_MAJOR_EXCL]: importable (and its major version in range)
+  python - "$@" <<'EOF' 2>/dev/null
+import importlib, sys
+mod = importlib.import_module(sys.argv[1])
+if len(sys.argv) > 2:
+    major = int(mod.__version__.split(".")[0])
+    sys.exit(0 if int(sys.argv[2]) <= major < int(sys.argv[3]) else 1)
+EOF
+}
+
+install_carried() {  # install_carried NAME: the carried wheel into $SITE, offline, without its dependencies
+  local whl; whl=$(carried_wheel "$1")
+  if [[ -z "$whl" ]]; then
+    echo "tools: no carried $1 wheel in .gpu_tools/wheels (benchmarks/gpu/prepare.sh)" | tee -a "$summary"
+    return 1
+  fi
+  python -m pip install -q --no-index --no-deps --no-compile --target "$SITE" --upgrade "$whl" > "$OUT/tools_$1.log" 2>&1 \
+    && echo "tools: $(basename "$whl") -> $SITE" | tee -a "$summary"
+}
+
+phase_tools() {  # what the image lacks, from the wheels prepare.sh carried
+  [[ -n "${TOOLS_DONE:-}" ]] && return 0
+  TOOLS_DONE=1
+  # pyproject.toml's build needs setuptools >= 77; torch 2.11 pins < 82.
+  python_has setuptools 77 82 || install_carried setuptools || mark_failed
+  if [[ -z "${RESASPP_CUTLASS_DIR:-}" ]] && ! python_has cutlass_library; then
+    install_carried nvidia_cutlass || mark_failed
+  fi
+  if [[ -z "${RESASPP_CUTLASS_DIR:-}" && -d "$SITE/cutlass_library/source/include" ]]; then
+    export RESASPP_CUTLASS_DIR="$SITE/cutlass_library/source/include"
+  fi
+  # smp: the separable module-level baselines (bench) and the separable converter tests.
+  python_has segmentation_models_pytorch || install_carried segmentation_models_pytorch || true
+}
+
+have_c() { python -c "import resaspp_ops._C" 2>/dev/null; }
+
 phase_build() {
+  phase_tools
   if have_c; then
     echo "build: resaspp_ops._C already importable, not rebuilt" | tee -a "$summary"
   else
     find_cuda_home || echo "build: no nvcc on PATH or under /usr/local/cuda*: the build will fail" | tee -a "$summary"
-    ensure_setuptools
-    step build build.log 480 env RESASPP_FORCE_CUDA=1 RESASPP_PTXAS_VERBOSE=1 \
-      python -m pip install --no-build-isolation --no-deps --no-index -e . \
-      || { have_c || step build-inplace build_inplace.log 300 env RESASPP_FORCE_CUDA=1 \
-             python setup.py build_ext --inplace; }
+    # In place (setup.py build_ext): the checkout is on PYTHONPATH, so nothing needs installing, and pip cannot
+    # reach for an index. The ninja log (per-file compile times) comes back in the logs.
+    step build build.log "${BUILD_CAP_S:-300}" env RESASPP_FORCE_CUDA=1 RESASPP_PTXAS_VERBOSE=1 \
+      python setup.py -q build_ext --inplace
+    cp build/temp*/.ninja_log "$OUT/ninja_log.txt" 2>/dev/null
   fi
   if have_c; then
     python -m resaspp_ops.cli info > "$OUT/info.txt" 2>&1
@@ -191,14 +256,22 @@ phase_build() {
   return 1
 }
 
-phase_test_cuda() {
-  step pytest-cuda pytest_cuda.log 300 env RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} \
-    python -m pytest tests -m cuda -q -p no:cacheprovider -rs --durations=15
-  # (The "cuda" cases of tests parametrised over the `device` fixture carry the marker: tests/conftest.py.)
-  # The SIMT kernels under the other files' GPU tests (test_cuda_kernels.py picks its kernel per test).
-  step pytest-cuda-simt pytest_cuda_simt.log 150 env RESASPP_CUDA_KERNEL=simt RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} \
-    python -m pytest tests -m cuda -k "not test_cuda_kernels and not test_triton_cuda" -q -p no:cacheprovider -rs
+xdist_args() {  # pytest-xdist's -n where it is installed (the GPU image has it): Triton compiles in parallel
+  python -c "import xdist" 2>/dev/null && echo "-n ${PYTEST_WORKERS:-8}"
 }
+
+# Tests run the heuristic Triton configs unless they ask for autotuning themselves (test_triton_cuda.py's one
+# autotuned test does): tuning every test shape would cost minutes and test nothing more.
+run_pytest() {  # run_pytest NAME LOG CAP [PYTEST ARGS...]
+  local name=$1 log=$2 cap=$3; shift 3
+  # shellcheck disable=SC2046
+  step "$name" "$log" "$cap" env RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} \
+    python -m pytest tests -q -p no:cacheprovider -rs --durations=25 $(xdist_args) "$@"
+}
+
+phase_test_cuda() { run_pytest pytest-cuda pytest_cuda.log "${TEST_CUDA_CAP_S:-180}" -m cuda; }
+phase_test_cpu() { run_pytest pytest-cpu pytest_cpu.log "${TEST_CPU_CAP_S:-540}" -m "not cuda"; }
+phase_test_all() { run_pytest pytest-all pytest_all.log 540; }
 
 phase_sanitize() {
   local cs; cs=$(find_sanitizer)
@@ -216,24 +289,6 @@ phase_sanitize() {
   done
 }
 
-xdist_args() {  # pytest-xdist's -n where it is installed (the GPU image has it): Triton compiles in parallel
-  python -c "import xdist" 2>/dev/null && echo "-n ${PYTEST_WORKERS:-8}"
-}
-
-# Tests run the heuristic Triton configs unless they ask for autotuning themselves (test_triton_cuda.py's one
-# autotuned test does): tuning every test shape would cost minutes and test nothing more.
-phase_test_all() {  # phase_test_all [MARKER EXPRESSION]: the whole suite, or the tests the expression selects
-  local select=() name=pytest-all log=pytest_all.log
-  if [[ -n "${1:-}" ]]; then
-    select=(-m "$1")
-    name="pytest-m-${1// /-}"
-    log="pytest_m_${1// /_}.log"
-  fi
-  # shellcheck disable=SC2046
-  step "$name" "$log" 540 env RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} \
-    python -m pytest tests "${select[@]}" -q -p no:cacheprovider -rs --durations=25 $(xdist_args)
-}
-
 phase_check() {
   if [[ ! -f .gpu_tools/aspp_gpu_check.py ]]; then
     echo "check: .gpu_tools/aspp_gpu_check.py missing (copy it and carry .gpu_tools)" | tee -a "$summary"
@@ -241,7 +296,7 @@ phase_check() {
     return 1
   fi
   have_c || echo "check: resaspp_ops._C missing: its cuda rows will fail" | tee -a "$summary"
-  step aspp-gpu-check aspp_gpu_check.log 300 env RESASPP_TRITON_AUTOTUNE="${CHECK_TRITON_AUTOTUNE:-0}" \
+  step aspp-gpu-check aspp_gpu_check.log "${CHECK_CAP_S:-120}" env RESASPP_TRITON_AUTOTUNE="${CHECK_TRITON_AUTOTUNE:-0}" \
     python .gpu_tools/aspp_gpu_check.py
 }
 
@@ -289,86 +344,69 @@ phase_bench() {  # phase_bench NAME OUTDIR ARGS...
 }
 
 # The first benchmark run (benchmarks/README.md, "On a lent GPU"): bf16, module level, fwd and fwd+bwd, the
-# presets of issue 8's targets with both rate sets, all seven providers. Two settings make it fit a session
-# (recorded in the JSON's meta): the Triton kernels run their heuristic configs (RESASPP_TRITON_AUTOTUNE=0:
-# autotuning costs tens of seconds a kernel and shape), and torch.compile runs mode "reduce-overhead"
-# (CUDA graphs, as max-autotune has, but no template search: minutes per case across 16 cases otherwise).
-FIRST_BENCH_PRESETS="voc-os16 voc-os8 cityscapes-os8 unet-stare"
+# presets of the targets with both rate sets, every fused kernel version beside the baselines. Two settings make
+# it fit a session (recorded in the JSON's meta): the Triton kernels run their heuristic configs
+# (RESASPP_TRITON_AUTOTUNE=0: autotuning costs tens of seconds a kernel and shape), and torch.compile runs mode
+# "reduce-overhead" (CUDA graphs, as max-autotune has, but no template search: minutes per case otherwise). The
+# suite runs the compiled providers last, so a budget cut leaves every eager row.
+FIRST_BENCH_PRESETS="voc-os16 voc-os8 cityscapes-os8 unet-stare v3plus-os16"
 FIRST_BENCH_ARGS=(--levels module --dtypes bfloat16 --modes fwd,fwd+bwd --rate-sets default,paper
   --presets "${FIRST_BENCH_PRESETS// /,}"
-  --providers torchvision-eager,torchvision-eager-cl,torchvision-compile,fused-triton,fused-triton-v1,fused-cuda,fused-auto,fused-auto-compile
+  --providers torchvision-eager,torchvision-eager-cl,torchvision-compile,smp-eager,smp-eager-cl,smp-compile,fused-triton,fused-triton-v1,fused-cuda,fused-auto,fused-auto-compile
   --compile-mode reduce-overhead --tag bf16-module)
 
-phase_bench_first() {  # phase_bench_first [--check-only]: the timed run, or its correctness sweep
-  if [[ "${1:-}" == --check-only ]]; then
-    # One process a preset: torch.compile's front end is single-threaded, so the compiles (one per compiled
-    # provider and case, what the timed run would otherwise wait for) go four at a time. A later --presets
-    # or --tag overrides the one in FIRST_BENCH_ARGS.
-    # Four such processes next to pytest's workers: Inductor's pool of compile workers kept to 4 each.
-    local preset pids=()
-    for preset in $FIRST_BENCH_PRESETS; do
-      TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-4} \
-      RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} phase_bench "bench-check-$preset" "$OUT/check_only" \
-        "${FIRST_BENCH_ARGS[@]}" --presets "$preset" --tag "check-$preset" --check-only &
-      pids+=($!)
-    done
-    wait "${pids[@]}"
-  else
-    RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} phase_bench bench-first "$OUT/results" \
-      "${FIRST_BENCH_ARGS[@]}"
-  fi
-}
-
-# A second, short run for a warm machine right after `session` (device time left: see the README): the branch
-# convolutions alone, the kernels' own speed against 1+B cuDNN convs.
-# v3plus-os16: the separable op's kernels against the separable branch convolutions (sepconv-*).
+# The branch level (the kernels alone against 1+B cuDNN convs, and the separable kernels against the separable
+# branch convolutions at v3plus-os16), for the second call.
 SECOND_BENCH_ARGS=(--levels branches --dtypes bfloat16 --modes fwd,fwd+bwd --rate-sets default
   --presets voc-os16,voc-os8,cityscapes-os8,unet-stare,v3plus-os16
   --providers conv2d-eager,conv2d-eager-cl,conv2d-compile,sepconv-eager,sepconv-eager-cl,sepconv-compile,fused-triton,fused-triton-v1,fused-cuda,fused-auto
   --compile-mode reduce-overhead --tag bf16-branches)
 
-phase_session() {
+phase_bench_first() {
+  RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} phase_bench bench-first "$OUT/results" "${FIRST_BENCH_ARGS[@]}"
+}
+
+phase_bench_second() {
+  RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} phase_bench bench-second "$OUT/results" "${SECOND_BENCH_ARGS[@]}"
+}
+
+phase_session() {  # the first call: what must come back from a session, most important first
   phase_build
-  # The concurrent group: correctness work only, nothing timed. Each member gets the group's end as its
-  # deadline; the compile caches the check-only sweep fills (~/.triton, /tmp/torchinductor_*) are on disk,
-  # so the timed run's compiles after it are mostly cache hits.
-  GROUP_END=$((SECONDS + ${SESSION_GROUP_S:-200}))
-  phase_test_all cuda &
-  local p_test=$!
-  phase_sanitize &
-  local p_san=$!
-  phase_bench_first --check-only &
-  local p_warm=$!
-  wait "$p_test" "$p_san" "$p_warm"
-  GROUP_END=""
-  # Alone on the GPU from here: these time (or count) things.
+  phase_test_cuda
   phase_check
   phase_bench_first
+}
+
+phase_session2() {  # the second call, on the warm machine (the build and the compile caches are still there)
+  phase_build
+  phase_sanitize
   phase_hbm
-  # The rest of the suite (CI runs it too, without a GPU) with whatever time is left.
-  phase_test_all "not cuda"
+  phase_bench_second
+  phase_test_cpu
 }
 
 if (( $# == 0 )); then
-  sed -n '2,40p' "$0" >&2
+  sed -n '2,45p' "$0" >&2
   exit 2
 fi
 phase_env
+phase_tools
 while (( $# > 0 )); do
   phase=$1; shift
   case "$phase" in
-    env) ;;
+    env|tools) ;;
     build) phase_build ;;
     test-cuda) phase_test_cuda ;;
-    sanitize) phase_sanitize ;;
+    test-cpu) phase_test_cpu ;;
     test-all) phase_test_all ;;
+    sanitize) phase_sanitize ;;
     check) phase_check ;;
     hbm) phase_hbm ;;
     session) phase_session ;;
+    session2) phase_session2 ;;
     bench) phase_bench bench "$OUT/results" "$@"; break ;;
     bench-first) phase_bench_first ;;
-    bench-second) RESASPP_TRITON_AUTOTUNE=${RESASPP_TRITON_AUTOTUNE:-0} phase_bench bench-second "$OUT/results" \
-                    "${SECOND_BENCH_ARGS[@]}" ;;
+    bench-second) phase_bench_second ;;
     *) echo "unknown phase $phase; see the top of $0" >&2; exit 2 ;;
   esac
 done
