@@ -1,11 +1,17 @@
 """Build script: the Python package, plus the CUDA extension `resaspp_ops._C` whenever nvcc is found.
 
+The extension compiles against the torch already installed (hence `pip install --no-build-isolation`: an
+isolated build would compile against another torch). What else the build needs and the environment lacks, it
+fetches into build/_deps (logged): the pinned CUTLASS headers (the nvidia-cutlass wheel's) and ninja. pybind11
+comes with torch's headers. Metadata and sdist commands need none of it, torch included.
+
 Environment (all optional):
   TORCH_CUDA_ARCH_LIST     archs to build ("9.0", "8.0;9.0+PTX", ...). 9.0 is built as 9.0a (sm_90a:
                            the warpgroup-MMA kernels need it; the rest runs there as on sm_90), 9.0+PTX
                            as 9.0a plus compute_90 PTX. Unset: the visible GPUs', or "8.0;9.0+PTX".
   RESASPP_CUTLASS_DIR      CUTLASS's include directory (holding cute/ and cutlass/) for the sm_90a
-                           kernels. Unset: the nvidia-cutlass wheel's (pyproject.toml pins it).
+                           kernels. Unset: an installed nvidia-cutlass wheel's, else the pinned wheel's
+                           headers fetched into build/_deps (CUTLASS_PIN; pyproject.toml names the same).
   CUDA_HOME                the CUDA toolkit. Unset: found from the nvcc on PATH (nvcc --dryrun
                            prints the real toolkit, which also works when nvcc is a wrapper script).
   MAX_JOBS                 parallel nvcc jobs. Unset: picked from cores and memory.
@@ -13,6 +19,7 @@ Environment (all optional):
   RESASPP_FORCE_CUDA=1       fail if the extension cannot be built (no nvcc), or if the arch list names 9.0
                              and no CUTLASS headers are found (else _C is built without the sm_90a kernels).
   RESASPP_PTXAS_VERBOSE=1    pass -Xptxas -v to nvcc (registers, spills).
+  RESASPP_NO_FETCH=1         never download (CUTLASS, ninja): what is missing is reported instead.
 """
 import importlib.util
 import os
@@ -21,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 from setuptools import setup
@@ -29,6 +37,9 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 CUTLASS_PIN = "4.2.0.0"  # the nvidia-cutlass wheel the sm_90a kernels were written against (pyproject.toml)
 SM90_SOURCES = "sm90_"   # csrc files of the sm_90a kernels (built only with CUTLASS and 9.0 in the arch list)
+DEPS_DIR = ROOT / "build" / "_deps"  # what the build fetched (CUTLASS's headers, ninja)
+# The setup.py commands that compile; metadata (egg_info, dist_info) and sdist do not, and need no torch.
+BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "install", "develop", "editable_wheel"}
 
 
 def _flag(name):
@@ -67,6 +78,43 @@ def _find_cuda_home():
     return home, f"nvcc --dryrun ({nvcc})"
 
 
+def _pip_download(requirement, dest):
+    """The wheel `pip download` fetched for requirement into dest, or (None, why not)."""
+    if _flag("RESASPP_NO_FETCH"):
+        return None, "RESASPP_NO_FETCH=1"
+    dest.mkdir(parents=True, exist_ok=True)
+    _log(f"fetching {requirement} into {dest}")
+    try:
+        res = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                              "-d", str(dest), requirement], capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"pip download {requirement} failed: {exc}"
+    name = re.split(r"[=<>]", requirement)[0].replace("-", "_")
+    wheels = sorted(dest.glob(f"{name}-*.whl"))
+    if res.returncode != 0 or not wheels:
+        return None, f"pip download {requirement} failed: {(res.stderr or res.stdout).strip()[-300:]}"
+    return wheels[-1], None
+
+
+def _fetched_cutlass():
+    """(include dir, how) of the pinned CUTLASS headers in build/_deps, fetched now if absent; (None, why not)."""
+    inc = DEPS_DIR / f"cutlass-{CUTLASS_PIN}" / "include"
+    how = f"nvidia-cutlass=={CUTLASS_PIN} fetched into {inc.parent}"
+    if (inc / "cutlass" / "version.h").is_file():
+        return inc, how
+    wheel, why = _pip_download(f"nvidia-cutlass=={CUTLASS_PIN}", DEPS_DIR / "wheels")
+    if wheel is None:
+        return None, why
+    prefix = "cutlass_library/source/include/"
+    with zipfile.ZipFile(wheel) as zf:
+        for member in zf.namelist():
+            if member.startswith(prefix) and not member.endswith("/"):
+                target = inc / member[len(prefix):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(zf.read(member))
+    return inc, how
+
+
 def _find_cutlass():
     """(include dir, version, how found), or (None, None, why not)."""
     if os.environ.get("RESASPP_CUTLASS_DIR"):
@@ -74,10 +122,13 @@ def _find_cutlass():
         inc, how = (root if (root / "cute").is_dir() else root / "include"), "RESASPP_CUTLASS_DIR"
     else:
         spec = importlib.util.find_spec("cutlass_library")
-        if spec is None or not spec.submodule_search_locations:
-            return None, None, (f"no CUTLASS headers: pip install nvidia-cutlass=={CUTLASS_PIN}, or set "
-                                "RESASPP_CUTLASS_DIR")
-        inc, how = Path(list(spec.submodule_search_locations)[0]) / "source" / "include", "the nvidia-cutlass wheel"
+        if spec is not None and spec.submodule_search_locations:
+            inc, how = Path(list(spec.submodule_search_locations)[0]) / "source" / "include", "the nvidia-cutlass wheel"
+        else:
+            inc, how = _fetched_cutlass()
+            if inc is None:
+                return None, None, (f"no CUTLASS headers ({how}): pip install nvidia-cutlass=={CUTLASS_PIN}, or set "
+                                    "RESASPP_CUTLASS_DIR")
     needed = ("cute/tensor.hpp", "cute/atom/mma_traits_sm90_gmma.hpp", "cutlass/pipeline/sm90_pipeline.hpp",
               "cutlass/version.h")
     missing = [f for f in needed if not (inc / f).is_file()]
@@ -121,8 +172,30 @@ def _max_jobs():
     return max(1, min(cores, int(mem_gib // 2)))
 
 
+def _ensure_ninja():
+    """Puts a ninja on PATH for torch's BuildExtension (fetched into build/_deps when there is none): without it
+    torch compiles the sources one after another."""
+    if shutil.which("ninja"):
+        return
+    target = DEPS_DIR / "ninja"
+    found = sorted(p for p in target.rglob("ninja") if p.is_file() and os.access(p, os.X_OK)) if target.is_dir() else []
+    if not found:
+        wheel, why = _pip_download("ninja", DEPS_DIR / "wheels")
+        if wheel is None:
+            _log(f"no ninja ({why}): torch compiles the sources one at a time (slower)")
+            return
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extractall(target)
+        found = sorted(p for p in target.rglob("ninja") if p.is_file())
+        for p in found:
+            p.chmod(0o755)
+    if found:
+        os.environ["PATH"] = f"{found[0].parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        _log(f"ninja: {found[0]}")
+
+
 def _cuda_extension():
-    """Returns (ext_modules, cmdclass); an empty list when the extension is not built."""
+    """Returns (ext_modules, cmdclass, build config); no extension when it is not built."""
     if _flag("RESASPP_SKIP_CUDA_BUILD"):
         _log("RESASPP_SKIP_CUDA_BUILD=1: pure-Python install, no resaspp_ops._C")
         return [], {}, None
@@ -136,8 +209,16 @@ def _cuda_extension():
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = cuda_home
 
-    import torch
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError as exc:
+        raise RuntimeError(
+            f"resaspp_ops compiles its CUDA extension against the torch installed in this environment, and none "
+            f"can be imported here ({exc}). Install torch first, then `pip install --no-build-isolation ...` (an "
+            "isolated build environment has no torch), or set RESASPP_SKIP_CUDA_BUILD=1 for a pure-Python "
+            "install") from exc
+    _ensure_ninja()
 
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         if torch.cuda.is_available():
@@ -189,6 +270,21 @@ def _write_build_config(config):
     path.write_text("# Written by setup.py; not tracked.\nBUILD_CONFIG = " + repr(config) + "\n")
 
 
-ext_modules, cmdclass, build_config = _cuda_extension()
-_write_build_config(build_config)
+def _check_setuptools():
+    """setuptools before 70.1 builds wheels (editable ones too) only with the `wheel` package, which pip does not
+    install under --no-build-isolation: say so instead of setuptools' "invalid command 'bdist_wheel'"."""
+    import setuptools
+
+    version = tuple(int(p) for p in re.findall(r"\d+", setuptools.__version__)[:2])
+    if version < (70, 1) and importlib.util.find_spec("wheel") is None:
+        raise RuntimeError(f"setuptools {setuptools.__version__} here builds wheels only with the `wheel` package: "
+                           "pip install -U setuptools (or pip install wheel), then install again")
+
+
+_check_setuptools()
+if BUILD_COMMANDS & set(sys.argv[1:]):
+    ext_modules, cmdclass, build_config = _cuda_extension()
+    _write_build_config(build_config)
+else:  # metadata or an sdist: nothing is compiled, and the last build's record stays
+    ext_modules, cmdclass = [], {}
 setup(ext_modules=ext_modules, cmdclass=cmdclass)
