@@ -183,6 +183,35 @@ def test_sass_mma_kernels_use_ldmatrix_and_mma_sync(sass, res_usage, kernel, dty
         assert usage["STACK"] == 0 and usage["REG"] <= MMA_MAX_REGS, f"{name}: {usage}"
 
 
+def _nvcc() -> str | None:
+    home = _build_config().get("cuda_home")
+    found = Path(home) / "bin" / "nvcc" if home else None
+    return str(found) if found is not None and found.is_file() else shutil.which("nvcc")
+
+
+def test_sm90_kernel_traps_without_the_sm90a_features(tmp_path):
+    """Compiled for compute_90 (a "9.0+PTX" build's PTX, or a plain sm_90 one), the persistent kernel has no
+    wgmma to run: its body must trap, not return leaving the outputs unwritten (issue 22 item 9). Compiles
+    csrc/sm90_kernel.cuh with a stand-in Op to PTX and reads the kernel's body."""
+    cutlass = (_build_config().get("sm90") or {}).get("cutlass_dir")
+    nvcc = _nvcc()
+    if not cutlass or nvcc is None:
+        pytest.skip("needs nvcc and the CUTLASS headers the sm90 build used")
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    probe = tmp_path / "probe.cu"
+    probe.write_text('#include "sm90_kernel.cuh"\n'
+                     "struct ProbeOp { struct Params { int unused; }; };\n"
+                     "template __global__ void resaspp::sm90::persistent_kernel<ProbeOp>(\n"
+                     "    const __grid_constant__ ProbeOp::Params);\n")
+    ptx = tmp_path / "probe.ptx"
+    res = subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-arch=compute_90", "--ptx", f"-I{csrc}",
+                          f"-I{cutlass}", str(probe), "-o", str(ptx)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"nvcc failed: {res.stderr[-2000:]}"
+    m = re.search(r"\.entry\s+\S*persistent_kernel\S*\((.*?)\n\}", ptx.read_text(), re.S)
+    assert m, "no persistent_kernel entry in the PTX"
+    assert re.search(r"\btrap;", m.group(1)), f"the compute_90 body does not trap:\n{m.group(0)[-600:]}"
+
+
 # ----------------------------------------------------------------------------------------------
 # CuTe's layouts, evaluated on the host
 # ----------------------------------------------------------------------------------------------
