@@ -141,9 +141,22 @@ def kernel_status() -> str:
                    "(SM90_VALIDATED in resaspp_ops/backend/cuda.py); RESASPP_CUDA_KERNEL=sm90 runs them")
 
 
+@functools.lru_cache(maxsize=256)
+def checked_sm90_plan(p: sm90_plan.Sm90Plan) -> sm90_plan.Sm90Plan:
+    """p, once its host tables have passed the C++ checks of what the kernels walk (csrc/sm90_host.cpp make_plan,
+    through _C.sm90_check_plan: shapes, index ranges, the producer's walk against the consumers' step counts,
+    every job queued and every output block written once). A mismatch would hang the GPU; make_plan cannot
+    read the device copies without a sync at every launch, so each plan is checked here, once."""
+    t = p.device_tensors("cpu")
+    extension().sm90_check_plan(p.kind, t["jobs"], t["queues"], t["masks"], t["tap_offsets"], t["tap_entries"],
+                                list(p.rates), p.n, p.c, p.co, p.h, p.w, p.tiles.tile_h, p.tiles.tile_w,
+                                p.tiles.stack)
+    return p
+
+
 def _sm90_tables(kind, x, co, rates):
     n, c, h, w = x.shape
-    p = sm90_plan.plan(kind, n, c, co, h, w, tuple(rates), _sm_count(x.device.index))
+    p = checked_sm90_plan(sm90_plan.plan(kind, n, c, co, h, w, tuple(rates), _sm_count(x.device.index)))
     t = p.device_tensors(x.device)
     tables = [t["jobs"], t["queues"], t["masks"], t["tap_offsets"], t["tap_entries"]]
     return tables, [p.tiles.tile_h, p.tiles.tile_w, p.tiles.stack]
