@@ -331,6 +331,39 @@ def test_mma_fragment_addresses_match_the_ptx_layouts(operand, mn_major, tf32):
 
 
 # ----------------------------------------------------------------------------------------------
+# Problems without pixels: no plan, no launch (no GPU needed)
+# ----------------------------------------------------------------------------------------------
+
+class _NoLaunch:
+    """Stands in for resaspp_ops._C: any use is a launch the problem did not need."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"resaspp_ops._C.{name} called for a problem without pixels")
+
+
+@pytest.mark.parametrize("problem", [Problem(0, 16, 8, 5, 6, (1, 2)), Problem(2, 16, 8, 0, 6, (1, 2)),
+                                     Problem(2, 16, 8, 5, 0, (1, 2))], ids=str)
+@pytest.mark.parametrize("kernel", ["sm90", "mma", "simt"])
+def test_no_pixel_problems_return_before_planning(monkeypatch, problem, kernel):
+    """N, H or W = 0: the backend returns the empty output, an empty grad_x and zero weight grads itself; the
+    plans (one tile at least) are never built (H = 0 raised ValueError there; issue 22 item 9)."""
+    monkeypatch.setattr(cuda_backend, "kernel_choice", lambda *args: (kernel, "chosen by the test"))
+    monkeypatch.setattr(cuda_backend, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(cuda_backend, "extension", lambda: _NoLaunch())
+    p = problem
+    x, w1, w3, scale, shift = make_problem(p, torch.bfloat16, channels_last=True, epilogue=True, seed=11)
+    y = cuda_backend.forward(x, w1, w3, p.rates, scale, shift, True)
+    assert y.shape == (p.n, (1 + len(p.rates)) * p.co, p.h, p.w) and y.dtype == x.dtype
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    g = torch.zeros(y.shape, dtype=y.dtype)
+    gx, gw1, gw3 = cuda_backend.backward(g, x, w1, w3, p.rates, True, True)
+    assert gx.shape == x.shape and gx.dtype == x.dtype
+    for got, w in ((gw1, w1), (gw3, w3)):
+        assert got.shape == w.shape and got.dtype == w.dtype and got.is_contiguous() and not got.any()
+    assert cuda_backend.backward(g, x, w1, w3, p.rates, False, False) == (None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------
 # On a GPU
 # ----------------------------------------------------------------------------------------------
 
@@ -638,6 +671,42 @@ def test_relu_propagates_nan(gpu_device, kernel_env, kernel):
     y = cuda_backend.forward(x, w1, w3, p.rates, None, None, True)
     ref = float64_reference(x, w1, w3, p.rates, None, None, True)
     assert torch.equal(torch.isnan(y).cpu(), torch.isnan(ref).cpu())
+
+
+# Problems without output elements or without a sum: N, H, W = 0 (no pixels), C = 0 (the epilogue of an empty
+# sum on every output), Co = 0 (no output channels, grad_x zero).
+EMPTY_SHAPES = [Problem(0, 16, 8, 5, 6, (1, 2)), Problem(2, 16, 8, 0, 6, (1, 2)), Problem(2, 16, 8, 5, 0, (1, 2)),
+                Problem(2, 0, 8, 5, 6, (1, 2)), Problem(2, 16, 0, 5, 6, (1, 2))]
+
+
+def _expected_empty(x, w1, w3, scale, shift, relu):
+    """(out, grad_x, grad_w1x1, grad_w3x3) of an EMPTY_SHAPES problem: every output the epilogue of an empty sum
+    (ReLU(0 * scale + shift), in scale's dtype), grads zero."""
+    n, _, h, w = x.shape
+    v = torch.zeros_like(scale) * scale + shift
+    out = (v.relu() if relu else v).to(x.dtype).view(1, -1, 1, 1).expand(n, -1, h, w)
+    return out, torch.zeros_like(x), torch.zeros_like(w1), torch.zeros_like(w3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("problem", EMPTY_SHAPES, ids=str)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_empty_problems(gpu_device, kernel_env, problem, kernel):
+    """The right shapes and values for forward and backward, on every family (issue 22 item 9); a kernel
+    launched for them would fail, or hang walking a job with no K chunk."""
+    _needs(kernel, gpu_device)
+    kernel_env(kernel)
+    p = problem
+    x, w1, w3, scale, shift = make_problem(p, torch.bfloat16, gpu_device, channels_last=True, epilogue=True, seed=10)
+    want = _expected_empty(x, w1, w3, scale, shift, True)
+    y = cuda_backend.forward(x, w1, w3, p.rates, scale, shift, True)
+    assert y.shape == want[0].shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, want[0])
+    g = torch.randn(y.shape, device=gpu_device, dtype=torch.bfloat16)
+    grads = cuda_backend.backward(g, x, w1, w3, p.rates, True, True)
+    torch.cuda.synchronize(gpu_device)
+    for what, got, w in zip(("grad_x", "grad_w1x1", "grad_w3x3"), grads, want[1:]):
+        assert got.shape == w.shape and got.dtype == w.dtype and torch.equal(got, w), what
 
 
 @pytest.mark.cuda
