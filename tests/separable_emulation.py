@@ -71,12 +71,18 @@ def _offset(k, rate):
     return (k // 3 - 1) * rate, (k % 3 - 1) * rate
 
 
+def _relu(v):
+    """The kernels' ReLU as written (csrc/separable_common.cuh mid_stage, the epilogues), `v < 0 ? 0 : v`: NaN
+    stays NaN, as in torch.relu (fmaxf(NaN, 0) would be 0)."""
+    return np.where(v < 0, 0.0, v)
+
+
 def _mid(v, ms, mt, c, relu):
     if ms is not None:
         v = v * ms[c]
     if mt is not None:
         v = v + mt[c]
-    return np.maximum(v, 0.0) if relu else v
+    return _relu(v) if relu else v
 
 
 class EmulatedKernels:
@@ -135,7 +141,7 @@ class EmulatedKernels:
                 if sh is not None:
                     v = v + sh[cb + cols]
                 if relu:
-                    v = np.maximum(v, 0.0)
+                    v = _relu(v)
                 for m in np.nonzero(ok)[0]:
                     out[pn[m], ph[m], pq[m], cb + cols] = v[m]
                     self.writes[pn[m], ph[m], pq[m], cb + cols] += 1

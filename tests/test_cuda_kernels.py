@@ -26,6 +26,7 @@ import resaspp_ops
 from resaspp_ops import multi_rate_conv2d
 from resaspp_ops.backend import cuda as cuda_backend
 from resaspp_ops.backend import sm90_plan
+import nonfinite
 from utils import AWKWARD, Problem, assert_error_rule, float64_reference, make_problem, pytorch_same_dtype
 
 # ----------------------------------------------------------------------------------------------
@@ -181,6 +182,23 @@ def test_sass_mma_kernels_use_ldmatrix_and_mma_sync(sass, res_usage, kernel, dty
         assert not re.search(r"\b(LDL|STL)\b", text), f"{name}: local-memory loads/stores"
         usage = res_usage[name]
         assert usage["STACK"] == 0 and usage["REG"] <= MMA_MAX_REGS, f"{name}: {usage}"
+
+
+# Every kernel with a ReLU (an epilogue's, or the separable mid stage's), by a fragment of its mangled name.
+RELU_KERNELS = ("multi_tap_mma_kernel", "multi_tap_conv_kernel", "ForwardOp", "separable_forward_mma_kernel",
+                "separable_forward_simt_kernel", "activation_kernel")
+
+
+def test_sass_relu_keeps_nan(sass):
+    """The ReLUs are `v < 0 ? 0 : v` (NaN in, NaN out, as torch.relu): a compare and a select. fmaxf(v, 0) and
+    fmax would compile to a min/max instruction without .NAN, which returns 0 for NaN (issue 22 item 7)."""
+    funcs = {f: t for (a, f), t in sass.items() if a == "sm_90a" and any(k in f for k in RELU_KERNELS)}
+    # multi_tap_mma 3 dtypes x 2, multi_tap_conv 4 x 2, separable mma 3, simt 4, activation 4 (+ sm90 forward 2)
+    assert len(funcs) >= 25, f"found only {len(funcs)} kernels with a ReLU: {list(funcs)}"
+    for name, text in funcs.items():
+        minmax = re.findall(r"\b([FD]MNMX|HMNMX2)((?:\.[A-Z0-9_]+)*)\s", text)
+        dropping = [op + mods for op, mods in minmax if ".NAN" not in mods]
+        assert not dropping, f"{name}: {dropping[:4]}: a max that turns NaN into a number"
 
 
 def _nvcc() -> str | None:
@@ -659,18 +677,30 @@ def test_rate_past_int32_is_not_wrapped(gpu_device, kernel_env, kernel):
         assert torch.equal(a, b)
 
 
+# (kernel family, dtype): each family in the dtypes it takes.
+NONFINITE_CASES = [("sm90", torch.float16), ("sm90", torch.bfloat16), ("mma", torch.float16), ("mma", torch.bfloat16),
+                   ("simt", torch.bfloat16), ("simt", torch.float32), ("simt", torch.float64)]
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_relu_propagates_nan(gpu_device, kernel_env, kernel):
-    """The fused ReLU keeps NaN like torch.relu (a NaN must not turn into 0)."""
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("kernel,dtype", NONFINITE_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_nan_and_inf_propagate_like_the_reference(gpu_device, kernel_env, kernel, dtype, relu):
+    """NaN and +-Inf in x reach exactly the outputs whose window reads them, through scale, shift and the ReLU
+    (NaN stays NaN, as in torch.relu; issue 22 item 7): C = 40 leaves a channel tail in a K chunk, 9 x 13 tiles
+    over the map's edges, rate 20 leaves only the centre tap."""
     _needs(kernel, gpu_device)
     kernel_env(kernel)
-    p = Problem(1, 16, 8, 5, 6, (1, 2))
-    x, w1, w3, _, _ = make_problem(p, torch.float16, gpu_device, channels_last=True, seed=8)
-    x[0, 3, 2, 4] = float("nan")
-    y = cuda_backend.forward(x, w1, w3, p.rates, None, None, True)
-    ref = float64_reference(x, w1, w3, p.rates, None, None, True)
-    assert torch.equal(torch.isnan(y).cpu(), torch.isnan(ref).cpu())
+    p = Problem(2, 40, 24, 9, 13, (1, 3, 20))
+    x, w1, w3, scale, shift = make_problem(p, dtype, gpu_device, channels_last=True, epilogue=True, seed=8)
+    x = nonfinite.plant(x)
+    y = cuda_backend.forward(x, w1, w3, p.rates, scale, shift, relu)
+    ref = float64_reference(x, w1, w3, p.rates, scale, shift, relu)
+    assert torch.equal(torch.isnan(ref), nonfinite.footprint(torch.isnan(x).any(1), p.rates, p.co))
+    nonfinite.assert_same_nonfinite(y, ref, f"{kernel} {dtype}")
+    finite = torch.isfinite(ref)
+    bound = 64 * torch.finfo(dtype).eps * (1 + float(ref[finite].abs().max()))  # the rest: finite and right
+    torch.testing.assert_close(y.cpu().double()[finite], ref[finite], rtol=0, atol=bound)
 
 
 # Problems without output elements or without a sum: N, H, W = 0 (no pixels), C = 0 (the epilogue of an empty

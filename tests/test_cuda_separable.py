@@ -23,6 +23,7 @@ from resaspp_ops import multi_rate_separable_conv2d, multi_rate_separable_conv2d
 from resaspp_ops.backend import cuda as cuda_backend
 from resaspp_ops.backend import cuda_separable as CS
 from resaspp_ops.backend import jobs as J
+import nonfinite
 from separable_emulation import EmulatedKernels
 from test_cuda_kernels import _built_extension, res_usage, sass  # noqa: F401  (module fixtures)
 from utils import (AWKWARD, SEPARABLE_STAGES, Problem, assert_error_rule, detached_copy, make_separable_problem,
@@ -106,6 +107,23 @@ def test_emulated_backward_leaves_out_what_is_not_requested():
     assert only_mid[:4] == (None,) * 4
     torch.testing.assert_close(only_mid[4], full[4], rtol=0, atol=0)
     torch.testing.assert_close(only_x[0], full[0], rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("stage", ["plain", "mid"])
+@pytest.mark.parametrize("kernel,elem", EMULATED, ids=["mma16", "mma32", "simt"])
+def test_emulated_forward_keeps_nan_and_inf_like_the_reference(stage, kernel, elem):
+    """NaN and +-Inf in x reach exactly the outputs whose window reads them, through the mid stage and the
+    epilogue with the ReLUs as the kernels write them (NaN stays NaN, as in torch.relu; issue 22 item 7)."""
+    p = Problem(2, 40, 24, 9, 13, (1, 3, 20))
+    a = make_separable_problem(p, stage, torch.float64, seed=3)
+    a["x"] = nonfinite.plant(a["x"])
+    y = CS._forward(EmulatedKernels(elem), kernel, *_positional(a))
+    ref = multi_rate_separable_conv2d_reference(**a)
+    assert torch.equal(torch.isnan(ref), nonfinite.footprint(torch.isnan(a["x"]).any(1), p.rates, p.co))
+    nonfinite.assert_same_nonfinite(y, ref, f"emulated {kernel} {stage}")
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(y[finite], ref[finite], rtol=0, atol=1e-11)
 
 
 NO_PIXELS = [Problem(0, 16, 8, 5, 6, (1, 2)), Problem(2, 16, 8, 0, 6, (1, 2)), Problem(2, 16, 8, 5, 0, (1, 2))]
@@ -382,6 +400,27 @@ def test_rate_past_int32_is_not_wrapped(gpu_device, kernel_env):
     huge, past = dict(a, rates=(2, 2**32 + 1)), dict(a, rates=(2, 1000))
     assert torch.equal(multi_rate_separable_conv2d(**huge, backend="cuda"),
                        multi_rate_separable_conv2d(**past, backend="cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("stage", ["plain", "mid"])
+@pytest.mark.parametrize("kernel,dtype", [("mma", torch.float16), ("mma", torch.bfloat16), ("simt", torch.bfloat16),
+                                          ("simt", torch.float32), ("simt", torch.float64)],
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_nan_and_inf_propagate_like_the_reference(gpu_device, kernel_env, kernel, dtype, stage):
+    """NaN and +-Inf in x reach exactly the outputs whose window reads them, through the mid stage (its ReLU
+    keeps NaN) and the epilogue, as in the float64 reference (issue 22 item 7)."""
+    kernel_env(kernel)
+    p = Problem(2, 40, 24, 9, 13, (1, 3, 20))
+    a = make_separable_problem(p, stage, dtype, gpu_device, channels_last=True, seed=3)
+    a["x"] = nonfinite.plant(a["x"])
+    y = CS.forward(*_positional(a))
+    ref = multi_rate_separable_conv2d_reference(**detached_copy(a, torch.float64, "cpu"))
+    assert torch.equal(torch.isnan(ref), nonfinite.footprint(torch.isnan(a["x"]).any(1), p.rates, p.co))
+    nonfinite.assert_same_nonfinite(y, ref, f"{kernel} {dtype} {stage}")
+    finite = torch.isfinite(ref)
+    bound = 64 * torch.finfo(dtype).eps * (1 + float(ref[finite].abs().max()))
+    torch.testing.assert_close(y.cpu().double()[finite], ref[finite], rtol=0, atol=bound)
 
 
 @pytest.mark.cuda

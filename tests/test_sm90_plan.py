@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import nonfinite
 import sm90_emulation as E
 from resaspp_ops.backend import jobs as J
 from resaspp_ops.backend import sm90_plan as P
@@ -189,6 +190,35 @@ def test_cpp_steps_and_rows_match_the_plan(problem, kind):
     pix = [(j, m) + (E.row_pixel(plan, int(plan.jobs[j, 0]), int(plan.jobs[j, 1]), m) or (-1, -1, -1))
            for j in range(plan.jobs.shape[0]) if kind != "wgrad" for m in range(P.BLOCK_M)]
     assert rows.tolist() == [list(r) for r in pix]
+
+
+# ----------------------------------------------------------------------------------------------
+# The epilogue with NaN and Inf in x (issue 22 item 7): the kernel's ReLU keeps NaN, as torch.relu does
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("use_relu", [False, True], ids=["plain", "relu"])
+def test_emulated_epilogue_keeps_nan_and_inf_like_the_reference(use_relu):
+    """NaN and +-Inf in x reach exactly the outputs whose window reads them, through scale, shift and the
+    ReLU as the kernel writes it (tests/sm90_emulation.py epilogue), as in F.conv2d and torch.relu."""
+    p = Problem(2, 40, 24, 9, 13, (1, 3, 20))
+    x, w1, w3, _ = _random(p, seed=3)
+    xt = nonfinite.plant(torch.from_numpy(x).permute(0, 3, 1, 2))
+    x = np.ascontiguousarray(xt.permute(0, 2, 3, 1).numpy())
+    rng = np.random.default_rng(4)
+    scale = rng.random((1 + len(p.rates)) * p.co) + 0.5
+    shift = rng.standard_normal((1 + len(p.rates)) * p.co) * 0.1
+    fwd = P.plan("forward", p.n, p.c, p.co, p.h, p.w, p.rates, PROGRAMS)
+    out, count = E.forward(fwd, x, w1, w3, scale, shift, use_relu)
+    assert (count == 1).all()
+    y, _ = _torch_convs(p, x, w1, w3)
+    ref = y.detach() * torch.from_numpy(scale)[:, None, None] + torch.from_numpy(shift)[:, None, None]
+    ref = torch.relu(ref) if use_relu else ref
+    assert torch.equal(torch.isnan(ref), nonfinite.footprint(torch.isnan(xt).any(1), p.rates, p.co))
+    got = torch.from_numpy(out).permute(0, 3, 1, 2)
+    nonfinite.assert_same_nonfinite(got, ref, "emulated sm90 forward")
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(got[finite], ref[finite], rtol=0, atol=1e-10)
 
 
 # ----------------------------------------------------------------------------------------------
