@@ -103,13 +103,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [kind](const std::string& k, const at::Tensor& jobs, const at::Tensor& masks, const at::Tensor& tap_offsets,
              const at::Tensor& tap_entries, const std::vector<int64_t>& rates, int64_t N, int64_t C, int64_t Co,
              int64_t H, int64_t W, int64_t tile_h, int64_t tile_w, int64_t stack) {
-        const at::Tensor queues = at::zeros({jobs.size(0) + 2}, jobs.options());
+        // One program running every job in order: offsets (0, J), then 0 .. J - 1.
+        const int64_t J = jobs.dim() == 2 ? jobs.size(0) : 0;
+        const at::Tensor queues = at::cat({at::zeros({1}, jobs.options()), at::full({1}, J, jobs.options()),
+                                           at::arange(J, jobs.options())});
         const sm90::LaunchPlan plan = sm90::make_plan(kind(k), jobs, queues, masks, tap_offsets, tap_entries, rates,
                                                       N, C, Co, H, W, tile_h, tile_w, stack);
         return sm90::host_steps(kind(k), plan);
       },
       "For tests: the K steps and accumulator rows the sm90 kernels' walks (csrc/sm90_plan.h) produce, run on "
       "the host: [steps (job, A origin x5, B map, B origin x5), rows (job, m, n, h, w)]");
+  m.def(
+      "sm90_check_plan",
+      [kind](const std::string& k, const at::Tensor& jobs, const at::Tensor& queues, const at::Tensor& masks,
+             const at::Tensor& tap_offsets, const at::Tensor& tap_entries, const std::vector<int64_t>& rates,
+             int64_t N, int64_t C, int64_t Co, int64_t H, int64_t W, int64_t tile_h, int64_t tile_w, int64_t stack) {
+        for (const at::Tensor* t : {&jobs, &queues, &masks, &tap_offsets, &tap_entries})
+          TORCH_CHECK(t->device().is_cpu(), "sm90_check_plan reads the tables on the host: pass CPU tensors");
+        sm90::make_plan(kind(k), jobs, queues, masks, tap_offsets, tap_entries, rates, N, C, Co, H, W, tile_h,
+                        tile_w, stack);
+      },
+      "Raises (RuntimeError, with the reason) unless an sm90 plan's host tables are what the kernels can walk: "
+      "shapes, index ranges, the producer's walk agreeing with the consumers' step counts, every job queued and "
+      "every output block some job's, once (csrc/sm90_host.cpp make_plan)",
+      py::arg("kind"), py::arg("jobs"), py::arg("queues"), py::arg("masks"), py::arg("tap_offsets"),
+      py::arg("tap_entries"), py::arg("rates"), py::arg("N"), py::arg("C"), py::arg("Co"), py::arg("H"), py::arg("W"),
+      py::arg("tile_h"), py::arg("tile_w"), py::arg("stack"));
   m.def(
       "sm90_accumulator_coords", [kind](const std::string& k) { return sm90::accumulator_coords(kind(k)); },
       "For tests: the (m, n) of each accumulator value of each consumer thread, int32 [256, values, 2]");

@@ -13,6 +13,7 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
@@ -82,6 +83,15 @@ void check_tensor_cores(Kernel kernel, const at::Tensor& x, int64_t C, int64_t C
 at::Tensor aligned16(const at::Tensor& t) {
   if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0) return t;
   return t.clone(at::MemoryFormat::ChannelsLast);
+}
+
+void fill_epilogue_of_zero(at::Tensor& out, const at::Tensor& scale, const at::Tensor& shift, bool relu) {
+  const at::Tensor& like = scale.defined() ? scale : shift;
+  at::Tensor v = like.defined() ? at::zeros({out.size(1)}, like.options()) : at::zeros({out.size(1)}, out.options());
+  if (scale.defined()) v.mul_(scale);  // 0 * inf is NaN, as in the reference
+  if (shift.defined()) v.add_(shift);
+  if (relu) v.relu_();                 // keeps NaN
+  out.copy_(v.view({1, out.size(1), 1, 1}).expand_as(out));
 }
 
 namespace {
@@ -175,6 +185,10 @@ at::Tensor multi_rate_conv2d_forward_cuda(const at::Tensor& x_in, const at::Tens
   };
   const at::Tensor scale_c = epilogue_param(scale, "scale");
   const at::Tensor shift_c = epilogue_param(shift, "shift");
+  if (C == 0) {  // every branch sums nothing (and a TMA map cannot have an empty dimension)
+    fill_epilogue_of_zero(out, scale_c, shift_c, relu);
+    return out;
+  }
   if (kernel == Kernel::kSimt) {
     simt::forward(x, w1x1, w3x3, rates, out, scale_c, shift_c, relu);
     return out;
@@ -215,7 +229,9 @@ std::vector<at::Tensor> multi_rate_conv2d_backward_cuda(
   at::Tensor grad_x, grad_w1x1, grad_w3x3;
   if (need_x) {
     grad_x = at::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-    if (grad_x.numel() > 0) {
+    if (grad_x.numel() > 0 && Co == 0) {
+      grad_x.zero_();  // no output channel to take a grad from (and no K chunk to walk)
+    } else if (grad_x.numel() > 0) {
       if (kernel == Kernel::kSimt) {
         simt::dgrad(grad, w1x1, w3x3, rates, grad_x);
       } else {

@@ -202,6 +202,10 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_kernel(const __grid_co
       Op::epilogue(p, j, acc, coord);
     }
   }
+#elif defined(__CUDA_ARCH__)
+  // Compiled for a target without the sm_90a features (a compute_90 PTX, a plain sm_90 build): no wgmma,
+  // no setmaxnreg. Stop the grid with an error rather than return leaving the outputs unwritten.
+  __trap();
 #endif
 }
 

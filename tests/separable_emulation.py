@@ -46,6 +46,11 @@ def row_pixel(n, h, w, tile_h, tile_w, stack, image, tile, m):
     return (pn, ph, pw) if pn < n and ph < h and pw < w else None
 
 
+def pixel_rows(a: np.ndarray) -> np.ndarray:
+    """[..., C] as [pixels, C] (also where C = 0, which reshape(-1, C) cannot infer)."""
+    return a.reshape(int(np.prod(a.shape[:-1])), a.shape[-1])
+
+
 def shifted(xn: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """out[n, h, w] = xn[n, h + dy, w + dx], zero outside the map."""
     out = np.zeros_like(xn)
@@ -66,12 +71,18 @@ def _offset(k, rate):
     return (k // 3 - 1) * rate, (k % 3 - 1) * rate
 
 
+def _relu(v):
+    """The kernels' ReLU as written (csrc/separable_common.cuh mid_stage, the epilogues), `v < 0 ? 0 : v`: NaN
+    stays NaN, as in torch.relu (fmaxf(NaN, 0) would be 0)."""
+    return np.where(v < 0, 0.0, v)
+
+
 def _mid(v, ms, mt, c, relu):
     if ms is not None:
         v = v * ms[c]
     if mt is not None:
         v = v + mt[c]
-    return np.maximum(v, 0.0) if relu else v
+    return _relu(v) if relu else v
 
 
 class EmulatedKernels:
@@ -130,7 +141,7 @@ class EmulatedKernels:
                 if sh is not None:
                     v = v + sh[cb + cols]
                 if relu:
-                    v = np.maximum(v, 0.0)
+                    v = _relu(v)
                 for m in np.nonzero(ok)[0]:
                     out[pn[m], ph[m], pq[m], cb + cols] = v[m]
                     self.writes[pn[m], ph[m], pq[m], cb + cols] += 1
@@ -148,7 +159,7 @@ class EmulatedKernels:
         xn, dwn = _nhwc(x), _np(dw)
         c = xn.shape[3]
         ms, mt = _np(mid_scale), _np(mid_shift)
-        d = self._depthwise(xn, dwn, branch, rate).reshape(-1, c)
+        d = pixel_rows(self._depthwise(xn, dwn, branch, rate))
         a = _mid(d, None if ms is None else ms[branch * c:(branch + 1) * c],
                  None if mt is None else mt[branch * c:(branch + 1) * c], slice(None), mid_relu and branch > 0)
         out.copy_(torch.from_numpy(a))
@@ -159,7 +170,7 @@ class EmulatedKernels:
         c = xn.shape[3]
         ms = None if mid_scale is None else _np(mid_scale)[branch * c:(branch + 1) * c]
         mt = None if mid_shift is None else _np(mid_shift)[branch * c:(branch + 1) * c]
-        d = self._depthwise(xn, dwn, branch, rate).reshape(-1, c)
+        d = pixel_rows(self._depthwise(xn, dwn, branch, rate))
         s = ms if ms is not None else np.ones(c)
         t = mt if mt is not None else np.zeros(c)
         m = d * s + t
@@ -182,7 +193,7 @@ class EmulatedKernels:
         for k in _taps(branch, rate):
             dy, dx = _offset(k, rate)
             v += shifted(ddn, -dy, -dx) * dwn[branch, k]
-        gx += torch.from_numpy(v.reshape(-1, c)).to(gx.dtype)
+        gx += torch.from_numpy(pixel_rows(v)).to(gx.dtype)
 
     def separable_pointwise_dgrad(self, grad, branch, pw, out, jobs, tile):
         """The mma forward kernel run as the dA GEMM (one 1x1 branch, K = Co, N = C): the jobs' rows, 128-wide
@@ -215,7 +226,7 @@ class EmulatedKernels:
                 res[idx + (slice(n0, n0 + len(cols)),)] = acc[ok, :len(cols)]
                 writes[idx + (slice(n0, n0 + len(cols)),)] += 1
         assert (writes == 1).all(), "dA elements not written exactly once"
-        out.copy_(torch.from_numpy(res.reshape(-1, c)))
+        out.copy_(torch.from_numpy(pixel_rows(res)))
 
     def separable_pointwise_wgrad(self, grad, branch, a, co):
         """The mma wgrad kernel with one 1x1 tap, split over groups of whole images as csrc/separable.cpp does
@@ -234,11 +245,11 @@ class EmulatedKernels:
     def separable_wgrad_dw(self, dd, x, rate):
         xn = _nhwc(x)
         n, h, w, c = xn.shape
-        ddn = _np(dd).reshape(-1, c)
+        ddn = pixel_rows(_np(dd))
         chunks = cdiv(n * h * w, CHUNK_PIXELS)
         part = np.zeros((chunks, 9, c))
         for k in range(9):
-            xs = shifted(xn, *_offset(k, rate)).reshape(-1, c)
+            xs = pixel_rows(shifted(xn, *_offset(k, rate)))
             for i in range(chunks):
                 sl = slice(i * CHUNK_PIXELS, (i + 1) * CHUNK_PIXELS)
                 part[i, k] = (ddn[sl] * xs[sl]).sum(0)

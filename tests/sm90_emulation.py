@@ -1,7 +1,7 @@
 """A NumPy emulation of the sm_90a kernels (csrc/sm90_*.cu) in float64: the same programs, queues, jobs,
 TMA boxes (zero outside the tensor) and K steps as resaspp_ops.backend.sm90_plan lays out, one wgmma K
-block a step, and the epilogue's row -> pixel map. It also counts how often each output element is
-written (exactly once, or the plan is wrong)."""
+block a step, and the forward epilogue (scale, shift, the ReLU as written) with its row -> pixel map. It
+also counts how often each output element is written (exactly once, or the plan is wrong)."""
 from __future__ import annotations
 
 import numpy as np
@@ -66,8 +66,24 @@ def _weight_box(p: P.Sm90Plan, w1, w3t, bmap, origin):
     return tma_box(w3t, origin, p.box_w3())
 
 
-def forward(p: P.Sm90Plan, x, w1, w3):
-    """x [N, H, W, C], w1 [Co, C], w3 [B, 3, 3, Co, C] -> (out [N, H, W, (1+B) Co], write counts)."""
+def relu(v: np.ndarray) -> np.ndarray:
+    """The kernels' ReLU as written, `v < 0 ? 0 : v`: NaN stays NaN (fmaxf(NaN, 0) would be 0)."""
+    return np.where(v < 0, 0.0, v)
+
+
+def epilogue(v: np.ndarray, cols: slice, scale, shift, use_relu: bool) -> np.ndarray:
+    """csrc/sm90_forward.cu ForwardOp::epilogue on accumulator rows v [rows, Co] of output channels `cols`:
+    times scale, plus shift (each where given), then the ReLU."""
+    if scale is not None:
+        v = v * scale[cols]
+    if shift is not None:
+        v = v + shift[cols]
+    return relu(v) if use_relu else v
+
+
+def forward(p: P.Sm90Plan, x, w1, w3, scale=None, shift=None, use_relu=False):
+    """x [N, H, W, C], w1 [Co, C], w3 [B, 3, 3, Co, C], scale / shift [(1+B) Co] or None ->
+    (out [N, H, W, (1+B) Co], write counts)."""
     co = p.co
     out = np.full((p.n, p.h, p.w, p.num_branches * co), np.nan)
     count = np.zeros(out.shape, dtype=np.int64)
@@ -82,11 +98,13 @@ def forward(p: P.Sm90Plan, x, w1, w3):
             acc += _rows(p, rows, P.BLOCK_M) @ wt.T
             steps += 1
         assert steps == p.job_steps(j)
+        cols = slice(branch * co, (branch + 1) * co)
+        res = epilogue(acc[:, :co], cols, scale, shift, use_relu)
         for m in range(P.BLOCK_M):
             px = row_pixel(p, image, tile, m)
             if px is not None:
-                out[px][branch * co:(branch + 1) * co] = acc[m, :co]
-                count[px][branch * co:(branch + 1) * co] += 1
+                out[px][cols] = res[m]
+                count[px][cols] += 1
     return out, count
 
 

@@ -26,6 +26,7 @@ import resaspp_ops
 from resaspp_ops import multi_rate_conv2d
 from resaspp_ops.backend import cuda as cuda_backend
 from resaspp_ops.backend import sm90_plan
+import nonfinite
 from utils import AWKWARD, Problem, assert_error_rule, float64_reference, make_problem, pytorch_same_dtype
 
 # ----------------------------------------------------------------------------------------------
@@ -183,6 +184,52 @@ def test_sass_mma_kernels_use_ldmatrix_and_mma_sync(sass, res_usage, kernel, dty
         assert usage["STACK"] == 0 and usage["REG"] <= MMA_MAX_REGS, f"{name}: {usage}"
 
 
+# Every kernel with a ReLU (an epilogue's, or the separable mid stage's), by a fragment of its mangled name.
+RELU_KERNELS = ("multi_tap_mma_kernel", "multi_tap_conv_kernel", "ForwardOp", "separable_forward_mma_kernel",
+                "separable_forward_simt_kernel", "activation_kernel")
+
+
+def test_sass_relu_keeps_nan(sass):
+    """The ReLUs are `v < 0 ? 0 : v` (NaN in, NaN out, as torch.relu): a compare and a select. fmaxf(v, 0) and
+    fmax would compile to a min/max instruction without .NAN, which returns 0 for NaN (issue 22 item 7)."""
+    funcs = {f: t for (a, f), t in sass.items() if a == "sm_90a" and any(k in f for k in RELU_KERNELS)}
+    # multi_tap_mma 3 dtypes x 2, multi_tap_conv 4 x 2, separable mma 3, simt 4, activation 4 (+ sm90 forward 2)
+    assert len(funcs) >= 25, f"found only {len(funcs)} kernels with a ReLU: {list(funcs)}"
+    for name, text in funcs.items():
+        minmax = re.findall(r"\b([FD]MNMX|HMNMX2)((?:\.[A-Z0-9_]+)*)\s", text)
+        dropping = [op + mods for op, mods in minmax if ".NAN" not in mods]
+        assert not dropping, f"{name}: {dropping[:4]}: a max that turns NaN into a number"
+
+
+def _nvcc() -> str | None:
+    home = _build_config().get("cuda_home")
+    found = Path(home) / "bin" / "nvcc" if home else None
+    return str(found) if found is not None and found.is_file() else shutil.which("nvcc")
+
+
+def test_sm90_kernel_traps_without_the_sm90a_features(tmp_path):
+    """Compiled for compute_90 (a "9.0+PTX" build's PTX, or a plain sm_90 one), the persistent kernel has no
+    wgmma to run: its body must trap, not return leaving the outputs unwritten (issue 22 item 9). Compiles
+    csrc/sm90_kernel.cuh with a stand-in Op to PTX and reads the kernel's body."""
+    cutlass = (_build_config().get("sm90") or {}).get("cutlass_dir")
+    nvcc = _nvcc()
+    if not cutlass or nvcc is None:
+        pytest.skip("needs nvcc and the CUTLASS headers the sm90 build used")
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    probe = tmp_path / "probe.cu"
+    probe.write_text('#include "sm90_kernel.cuh"\n'
+                     "struct ProbeOp { struct Params { int unused; }; };\n"
+                     "template __global__ void resaspp::sm90::persistent_kernel<ProbeOp>(\n"
+                     "    const __grid_constant__ ProbeOp::Params);\n")
+    ptx = tmp_path / "probe.ptx"
+    res = subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-arch=compute_90", "--ptx", f"-I{csrc}",
+                          f"-I{cutlass}", str(probe), "-o", str(ptx)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"nvcc failed: {res.stderr[-2000:]}"
+    m = re.search(r"\.entry\s+\S*persistent_kernel\S*\((.*?)\n\}", ptx.read_text(), re.S)
+    assert m, "no persistent_kernel entry in the PTX"
+    assert re.search(r"\btrap;", m.group(1)), f"the compute_90 body does not trap:\n{m.group(0)[-600:]}"
+
+
 # ----------------------------------------------------------------------------------------------
 # CuTe's layouts, evaluated on the host
 # ----------------------------------------------------------------------------------------------
@@ -299,6 +346,39 @@ def test_mma_fragment_addresses_match_the_ptx_layouts(operand, mn_major, tf32):
                 assert got == want, f"lane {lane} register {q} half {half}: {got} != {want}"
             if tf32 and not mn_major:
                 assert regs[lane][q][1] == regs[lane][q][0] + 2  # one fp32 element per register
+
+
+# ----------------------------------------------------------------------------------------------
+# Problems without pixels: no plan, no launch (no GPU needed)
+# ----------------------------------------------------------------------------------------------
+
+class _NoLaunch:
+    """Stands in for resaspp_ops._C: any use is a launch the problem did not need."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"resaspp_ops._C.{name} called for a problem without pixels")
+
+
+@pytest.mark.parametrize("problem", [Problem(0, 16, 8, 5, 6, (1, 2)), Problem(2, 16, 8, 0, 6, (1, 2)),
+                                     Problem(2, 16, 8, 5, 0, (1, 2))], ids=str)
+@pytest.mark.parametrize("kernel", ["sm90", "mma", "simt"])
+def test_no_pixel_problems_return_before_planning(monkeypatch, problem, kernel):
+    """N, H or W = 0: the backend returns the empty output, an empty grad_x and zero weight grads itself; the
+    plans (one tile at least) are never built (H = 0 raised ValueError there; issue 22 item 9)."""
+    monkeypatch.setattr(cuda_backend, "kernel_choice", lambda *args: (kernel, "chosen by the test"))
+    monkeypatch.setattr(cuda_backend, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(cuda_backend, "extension", lambda: _NoLaunch())
+    p = problem
+    x, w1, w3, scale, shift = make_problem(p, torch.bfloat16, channels_last=True, epilogue=True, seed=11)
+    y = cuda_backend.forward(x, w1, w3, p.rates, scale, shift, True)
+    assert y.shape == (p.n, (1 + len(p.rates)) * p.co, p.h, p.w) and y.dtype == x.dtype
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    g = torch.zeros(y.shape, dtype=y.dtype)
+    gx, gw1, gw3 = cuda_backend.backward(g, x, w1, w3, p.rates, True, True)
+    assert gx.shape == x.shape and gx.dtype == x.dtype
+    for got, w in ((gw1, w1), (gw3, w3)):
+        assert got.shape == w.shape and got.dtype == w.dtype and got.is_contiguous() and not got.any()
+    assert cuda_backend.backward(g, x, w1, w3, p.rates, False, False) == (None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -597,18 +677,66 @@ def test_rate_past_int32_is_not_wrapped(gpu_device, kernel_env, kernel):
         assert torch.equal(a, b)
 
 
+# (kernel family, dtype): each family in the dtypes it takes.
+NONFINITE_CASES = [("sm90", torch.float16), ("sm90", torch.bfloat16), ("mma", torch.float16), ("mma", torch.bfloat16),
+                   ("simt", torch.bfloat16), ("simt", torch.float32), ("simt", torch.float64)]
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_relu_propagates_nan(gpu_device, kernel_env, kernel):
-    """The fused ReLU keeps NaN like torch.relu (a NaN must not turn into 0)."""
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("kernel,dtype", NONFINITE_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_nan_and_inf_propagate_like_the_reference(gpu_device, kernel_env, kernel, dtype, relu):
+    """NaN and +-Inf in x reach exactly the outputs whose window reads them, through scale, shift and the ReLU
+    (NaN stays NaN, as in torch.relu; issue 22 item 7): C = 40 leaves a channel tail in a K chunk, 9 x 13 tiles
+    over the map's edges, rate 20 leaves only the centre tap."""
     _needs(kernel, gpu_device)
     kernel_env(kernel)
-    p = Problem(1, 16, 8, 5, 6, (1, 2))
-    x, w1, w3, _, _ = make_problem(p, torch.float16, gpu_device, channels_last=True, seed=8)
-    x[0, 3, 2, 4] = float("nan")
-    y = cuda_backend.forward(x, w1, w3, p.rates, None, None, True)
-    ref = float64_reference(x, w1, w3, p.rates, None, None, True)
-    assert torch.equal(torch.isnan(y).cpu(), torch.isnan(ref).cpu())
+    p = Problem(2, 40, 24, 9, 13, (1, 3, 20))
+    x, w1, w3, scale, shift = make_problem(p, dtype, gpu_device, channels_last=True, epilogue=True, seed=8)
+    x = nonfinite.plant(x)
+    y = cuda_backend.forward(x, w1, w3, p.rates, scale, shift, relu)
+    ref = float64_reference(x, w1, w3, p.rates, scale, shift, relu)
+    assert torch.equal(torch.isnan(ref), nonfinite.footprint(torch.isnan(x).any(1), p.rates, p.co))
+    nonfinite.assert_same_nonfinite(y, ref, f"{kernel} {dtype}")
+    finite = torch.isfinite(ref)
+    bound = 64 * torch.finfo(dtype).eps * (1 + float(ref[finite].abs().max()))  # the rest: finite and right
+    torch.testing.assert_close(y.cpu().double()[finite], ref[finite], rtol=0, atol=bound)
+
+
+# Problems without output elements or without a sum: N, H, W = 0 (no pixels), C = 0 (the epilogue of an empty
+# sum on every output), Co = 0 (no output channels, grad_x zero).
+EMPTY_SHAPES = [Problem(0, 16, 8, 5, 6, (1, 2)), Problem(2, 16, 8, 0, 6, (1, 2)), Problem(2, 16, 8, 5, 0, (1, 2)),
+                Problem(2, 0, 8, 5, 6, (1, 2)), Problem(2, 16, 0, 5, 6, (1, 2))]
+
+
+def _expected_empty(x, w1, w3, scale, shift, relu):
+    """(out, grad_x, grad_w1x1, grad_w3x3) of an EMPTY_SHAPES problem: every output the epilogue of an empty sum
+    (ReLU(0 * scale + shift), in scale's dtype), grads zero."""
+    n, _, h, w = x.shape
+    v = torch.zeros_like(scale) * scale + shift
+    out = (v.relu() if relu else v).to(x.dtype).view(1, -1, 1, 1).expand(n, -1, h, w)
+    return out, torch.zeros_like(x), torch.zeros_like(w1), torch.zeros_like(w3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("problem", EMPTY_SHAPES, ids=str)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_empty_problems(gpu_device, kernel_env, problem, kernel):
+    """The right shapes and values for forward and backward, on every family (issue 22 item 9); a kernel
+    launched for them would fail, or hang walking a job with no K chunk."""
+    _needs(kernel, gpu_device)
+    kernel_env(kernel)
+    p = problem
+    x, w1, w3, scale, shift = make_problem(p, torch.bfloat16, gpu_device, channels_last=True, epilogue=True, seed=10)
+    want = _expected_empty(x, w1, w3, scale, shift, True)
+    y = cuda_backend.forward(x, w1, w3, p.rates, scale, shift, True)
+    assert y.shape == want[0].shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, want[0])
+    g = torch.randn(y.shape, device=gpu_device, dtype=torch.bfloat16)
+    grads = cuda_backend.backward(g, x, w1, w3, p.rates, True, True)
+    torch.cuda.synchronize(gpu_device)
+    for what, got, w in zip(("grad_x", "grad_w1x1", "grad_w3x3"), grads, want[1:]):
+        assert got.shape == w.shape and got.dtype == w.dtype and torch.equal(got, w), what
 
 
 @pytest.mark.cuda

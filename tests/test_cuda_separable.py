@@ -23,6 +23,7 @@ from resaspp_ops import multi_rate_separable_conv2d, multi_rate_separable_conv2d
 from resaspp_ops.backend import cuda as cuda_backend
 from resaspp_ops.backend import cuda_separable as CS
 from resaspp_ops.backend import jobs as J
+import nonfinite
 from separable_emulation import EmulatedKernels
 from test_cuda_kernels import _built_extension, res_usage, sass  # noqa: F401  (module fixtures)
 from utils import (AWKWARD, SEPARABLE_STAGES, Problem, assert_error_rule, detached_copy, make_separable_problem,
@@ -51,7 +52,10 @@ def test_emulated_forward_matches_float64(problem, stage, kernel, elem):
     k = EmulatedKernels(elem)
     y = CS._forward(k, kernel, *_positional(a))
     assert y.is_contiguous(memory_format=torch.channels_last)
-    assert (k.writes == 1).all(), f"output elements written {set(k.writes.ravel().tolist())} times"
+    if y.numel() == 0:
+        assert k.writes is None, "a kernel launched for an empty output"
+    else:
+        assert (k.writes == 1).all(), f"output elements written {set(k.writes.ravel().tolist())} times"
     ref = multi_rate_separable_conv2d_reference(**a)
     assert y.shape == ref.shape
     if ref.numel():
@@ -103,6 +107,65 @@ def test_emulated_backward_leaves_out_what_is_not_requested():
     assert only_mid[:4] == (None,) * 4
     torch.testing.assert_close(only_mid[4], full[4], rtol=0, atol=0)
     torch.testing.assert_close(only_x[0], full[0], rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("stage", ["plain", "mid"])
+@pytest.mark.parametrize("kernel,elem", EMULATED, ids=["mma16", "mma32", "simt"])
+def test_emulated_forward_keeps_nan_and_inf_like_the_reference(stage, kernel, elem):
+    """NaN and +-Inf in x reach exactly the outputs whose window reads them, through the mid stage and the
+    epilogue with the ReLUs as the kernels write them (NaN stays NaN, as in torch.relu; issue 22 item 7)."""
+    p = Problem(2, 40, 24, 9, 13, (1, 3, 20))
+    a = make_separable_problem(p, stage, torch.float64, seed=3)
+    a["x"] = nonfinite.plant(a["x"])
+    y = CS._forward(EmulatedKernels(elem), kernel, *_positional(a))
+    ref = multi_rate_separable_conv2d_reference(**a)
+    assert torch.equal(torch.isnan(ref), nonfinite.footprint(torch.isnan(a["x"]).any(1), p.rates, p.co))
+    nonfinite.assert_same_nonfinite(y, ref, f"emulated {kernel} {stage}")
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(y[finite], ref[finite], rtol=0, atol=1e-11)
+
+
+NO_PIXELS = [Problem(0, 16, 8, 5, 6, (1, 2)), Problem(2, 16, 8, 0, 6, (1, 2)), Problem(2, 16, 8, 5, 0, (1, 2))]
+
+
+def _expected_empty(a):
+    """(out, grads) of a problem without pixels or input channels: the epilogue of an empty sum (ReLU(shift)
+    where given) on every output, zero grads of the parameters, an empty grad_x."""
+    x, co = a["x"], a["w1x1"].shape[0]
+    n, _, h, w = x.shape
+    channels = (1 + len(a["rates"])) * co
+    v = torch.zeros(channels, dtype=torch.float64)
+    if a["scale"] is not None:
+        v = v * a["scale"]
+    if a["shift"] is not None:
+        v = v + a["shift"]
+    v = torch.relu(v) if a["relu"] else v
+    out = v.to(x.dtype).view(1, -1, 1, 1).expand(n, channels, h, w)
+    grads = [None if a[k] is None else torch.zeros_like(a[k]) for k in ("w1x1", "w_dw", "w_pw", "mid_scale", "mid_shift")]
+    return out, [torch.empty_like(x)] + grads
+
+
+@pytest.mark.parametrize("problem", NO_PIXELS + [Problem(2, 0, 8, 5, 6, (1, 2))], ids=str)
+@pytest.mark.parametrize("kernel,elem", EMULATED, ids=["mma16", "mma32", "simt"])
+def test_emulated_empty_problems(problem, kernel, elem):
+    """N, H or W = 0 (no plan to build: the backend returns before planning) and C = 0 (every output is the
+    epilogue of an empty sum): the right shapes, the epilogue, zero grads (issue 22 item 9)."""
+    a = make_separable_problem(problem, "mid", torch.float64, seed=5)
+    want_y, want_grads = _expected_empty(a)
+    y = CS._forward(EmulatedKernels(elem), kernel, *_positional(a))
+    assert y.shape == want_y.shape and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, want_y, rtol=0, atol=0)
+    g = torch.randn(y.shape, dtype=torch.float64)
+    got = CS._backward(EmulatedKernels(elem), kernel, g, a["x"], a["w1x1"], a["w_dw"], a["w_pw"], a["rates"],
+                       a["mid_scale"], a["mid_shift"], a["mid_relu"], True, True, True)
+    assert got[0].shape == a["x"].shape and got[0].dtype == a["x"].dtype  # empty: no layout to speak of
+    for name, t, want in zip(("w1x1", "w_dw", "w_pw", "mid_scale", "mid_shift"), got[1:], want_grads[1:]):
+        assert t.shape == want.shape and t.dtype == want.dtype, name
+        torch.testing.assert_close(t, want, rtol=0, atol=0, msg=name)
+    only_x = CS._backward(EmulatedKernels(elem), kernel, g, a["x"], a["w1x1"], a["w_dw"], a["w_pw"], a["rates"],
+                          a["mid_scale"], a["mid_shift"], a["mid_relu"], True, False, False)
+    assert only_x[0].shape == a["x"].shape and all(t is None for t in only_x[1:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,3 +400,45 @@ def test_rate_past_int32_is_not_wrapped(gpu_device, kernel_env):
     huge, past = dict(a, rates=(2, 2**32 + 1)), dict(a, rates=(2, 1000))
     assert torch.equal(multi_rate_separable_conv2d(**huge, backend="cuda"),
                        multi_rate_separable_conv2d(**past, backend="cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("stage", ["plain", "mid"])
+@pytest.mark.parametrize("kernel,dtype", [("mma", torch.float16), ("mma", torch.bfloat16), ("simt", torch.bfloat16),
+                                          ("simt", torch.float32), ("simt", torch.float64)],
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_nan_and_inf_propagate_like_the_reference(gpu_device, kernel_env, kernel, dtype, stage):
+    """NaN and +-Inf in x reach exactly the outputs whose window reads them, through the mid stage (its ReLU
+    keeps NaN) and the epilogue, as in the float64 reference (issue 22 item 7)."""
+    kernel_env(kernel)
+    p = Problem(2, 40, 24, 9, 13, (1, 3, 20))
+    a = make_separable_problem(p, stage, dtype, gpu_device, channels_last=True, seed=3)
+    a["x"] = nonfinite.plant(a["x"])
+    y = CS.forward(*_positional(a))
+    ref = multi_rate_separable_conv2d_reference(**detached_copy(a, torch.float64, "cpu"))
+    assert torch.equal(torch.isnan(ref), nonfinite.footprint(torch.isnan(a["x"]).any(1), p.rates, p.co))
+    nonfinite.assert_same_nonfinite(y, ref, f"{kernel} {dtype} {stage}")
+    finite = torch.isfinite(ref)
+    bound = 64 * torch.finfo(dtype).eps * (1 + float(ref[finite].abs().max()))
+    torch.testing.assert_close(y.cpu().double()[finite], ref[finite], rtol=0, atol=bound)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("problem", NO_PIXELS + [Problem(2, 0, 8, 5, 6, (1, 2))], ids=str)
+@pytest.mark.parametrize("kernel", ["mma", "simt"])
+def test_empty_problems(gpu_device, kernel_env, problem, kernel):
+    """N, H or W = 0 and C = 0 on the GPU: the shapes, the epilogue of an empty sum, zero grads (issue 22
+    item 9)."""
+    kernel_env(kernel)
+    a = make_separable_problem(problem, "mid", torch.bfloat16, gpu_device, channels_last=True, seed=5)
+    want_y, want_grads = _expected_empty(detached_copy(a, torch.float64, "cpu"))
+    y = CS.forward(*_positional(a))
+    assert y.shape == want_y.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y.cpu(), want_y.to(y.dtype))
+    g = torch.randn(y.shape, device=gpu_device, dtype=y.dtype)
+    got = CS.backward(g, a["x"], a["w1x1"], a["w_dw"], a["w_pw"], a["rates"], a["mid_scale"], a["mid_shift"],
+                      a["mid_relu"], True, True, True)
+    torch.cuda.synchronize(gpu_device)
+    assert got[0].shape == a["x"].shape and got[0].dtype == a["x"].dtype
+    for name, t, want in zip(("w1x1", "w_dw", "w_pw", "mid_scale", "mid_shift"), got[1:], want_grads[1:]):
+        assert t.shape == want.shape and t.dtype == a[name].dtype and not t.any(), name

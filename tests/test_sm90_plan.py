@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import nonfinite
 import sm90_emulation as E
 from resaspp_ops.backend import jobs as J
 from resaspp_ops.backend import sm90_plan as P
@@ -189,3 +190,161 @@ def test_cpp_steps_and_rows_match_the_plan(problem, kind):
     pix = [(j, m) + (E.row_pixel(plan, int(plan.jobs[j, 0]), int(plan.jobs[j, 1]), m) or (-1, -1, -1))
            for j in range(plan.jobs.shape[0]) if kind != "wgrad" for m in range(P.BLOCK_M)]
     assert rows.tolist() == [list(r) for r in pix]
+
+
+# ----------------------------------------------------------------------------------------------
+# The epilogue with NaN and Inf in x (issue 22 item 7): the kernel's ReLU keeps NaN, as torch.relu does
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("use_relu", [False, True], ids=["plain", "relu"])
+def test_emulated_epilogue_keeps_nan_and_inf_like_the_reference(use_relu):
+    """NaN and +-Inf in x reach exactly the outputs whose window reads them, through scale, shift and the
+    ReLU as the kernel writes it (tests/sm90_emulation.py epilogue), as in F.conv2d and torch.relu."""
+    p = Problem(2, 40, 24, 9, 13, (1, 3, 20))
+    x, w1, w3, _ = _random(p, seed=3)
+    xt = nonfinite.plant(torch.from_numpy(x).permute(0, 3, 1, 2))
+    x = np.ascontiguousarray(xt.permute(0, 2, 3, 1).numpy())
+    rng = np.random.default_rng(4)
+    scale = rng.random((1 + len(p.rates)) * p.co) + 0.5
+    shift = rng.standard_normal((1 + len(p.rates)) * p.co) * 0.1
+    fwd = P.plan("forward", p.n, p.c, p.co, p.h, p.w, p.rates, PROGRAMS)
+    out, count = E.forward(fwd, x, w1, w3, scale, shift, use_relu)
+    assert (count == 1).all()
+    y, _ = _torch_convs(p, x, w1, w3)
+    ref = y.detach() * torch.from_numpy(scale)[:, None, None] + torch.from_numpy(shift)[:, None, None]
+    ref = torch.relu(ref) if use_relu else ref
+    assert torch.equal(torch.isnan(ref), nonfinite.footprint(torch.isnan(xt).any(1), p.rates, p.co))
+    got = torch.from_numpy(out).permute(0, 3, 1, 2)
+    nonfinite.assert_same_nonfinite(got, ref, "emulated sm90 forward")
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(got[finite], ref[finite], rtol=0, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# make_plan's checks (csrc/sm90_host.cpp): tables the kernels could not walk raise before a launch
+# ----------------------------------------------------------------------------------------------
+
+def _check(plan, **replace):
+    """_C.sm90_check_plan on the plan's host tables, with some replaced."""
+    C = _extension()
+    t = {k: v.clone() for k, v in plan.device_tensors("cpu").items()}
+    t.update(replace)
+    C.sm90_check_plan(plan.kind, t["jobs"], t["queues"], t["masks"], t["tap_offsets"], t["tap_entries"],
+                      list(plan.rates), plan.n, plan.c, plan.co, plan.h, plan.w, plan.tiles.tile_h,
+                      plan.tiles.tile_w, plan.tiles.stack)
+
+
+def _set(name, index, value):
+    """An edit of a plan's host table: name[index] = value(table, plan), on a copy."""
+    def edit(plan):
+        a = np.array(plan.device_tensors("cpu")[name].numpy())
+        a[index] = value(a, plan)
+        return {name: torch.from_numpy(a)}
+    return edit
+
+
+def _replace(name, value):
+    """A plan's host table `name` replaced by value(table)."""
+    return lambda plan: {name: value(plan.device_tensors("cpu")[name])}
+
+
+@pytest.mark.parametrize("problem", SHAPES + [Problem(8, 64, 256, 33, 33, (6, 12, 18))], ids=str)
+@pytest.mark.parametrize("kind", ["forward", "dgrad", "wgrad"])
+def test_cpp_check_accepts_the_plans(problem, kind):
+    p = problem
+    plan = P.plan(kind, p.n, p.c, p.co, p.h, p.w, p.rates, PROGRAMS)
+    _check(plan)
+    from resaspp_ops.backend import cuda as cuda_backend
+    assert cuda_backend.checked_sm90_plan(plan) is plan
+
+
+PLAN = Problem(3, 72, 136, 13, 17, (1, 4, 9))  # 2 tiles, stacks of 1, 2 Co blocks of wgrad
+
+
+def _plan(kind):
+    return P.plan(kind, PLAN.n, PLAN.c, PLAN.co, PLAN.h, PLAN.w, PLAN.rates, PROGRAMS)
+
+
+def _drop_lowest_bit(v):
+    return v & (v - 1)
+
+
+BAD_TABLES = {  # case: (plan kind, edit, the error it must raise)
+    # The producer walks the masks (dgrad) or the tap entries (wgrad) while the consumers count job[3]:
+    # a mismatch hangs the kernel.
+    "dgrad job counts a tap too many": ("dgrad", _set("jobs", (0, 3), lambda a, pl: a[0, 3] + 1),
+                                        "counts .* taps where its tile's masks hold"),
+    "dgrad mask loses a tap": ("dgrad", _set("masks", (0, 1), lambda a, pl: _drop_lowest_bit(a[0, 1])),
+                               "counts .* taps where its tile's masks hold"),
+    "wgrad job counts a step too few": ("wgrad", _set("jobs", (0, 3), lambda a, pl: a[0, 3] - 1), "steps where tap"),
+    "wgrad tap offsets shifted": ("wgrad", _set("tap_offsets", 1, lambda a, pl: a[1] + 1), "steps where tap"),
+    "wgrad tap offsets past the entries": ("wgrad", _set("tap_offsets", -1, lambda a, pl: a[-1] + 1),
+                                           "tap_offsets must be"),
+    "wgrad tap offsets of the wrong length": ("wgrad", _replace("tap_offsets", lambda t: t[:-1].clone()),
+                                              "tap_offsets must be"),
+    # Indices the walks and the epilogues read.
+    "wgrad entry past the tiles": ("wgrad", _set("tap_entries", (0, 1), lambda a, pl: 10**6),
+                                   "not a tile where that tap is live"),
+    "forward tile past the map": ("forward", _set("jobs", (0, 1), lambda a, pl: 10**6), "names image .* tile"),
+    "forward image past the batch": ("forward", _set("jobs", (0, 0), lambda a, pl: PLAN.n), "names image"),
+    "forward branch past the rates": ("forward", _set("jobs", (0, 2), lambda a, pl: 1 + len(PLAN.rates)),
+                                      "names branch"),
+    "forward taps not the tile's": ("forward", _set("jobs", (0, 3), lambda a, pl: _drop_lowest_bit(a[0, 3])),
+                                    "has taps .* where its tile's mask is"),
+    "dgrad channel block past C": ("dgrad", _set("jobs", (0, 2), lambda a, pl: 1), "names channel block"),
+    "wgrad tap past the branches": ("wgrad", _set("jobs", (0, 0), lambda a, pl: 1 + 9 * len(PLAN.rates)),
+                                    "names tap"),
+    "mask of more than 9 bits": ("dgrad", _set("masks", (0, 1), lambda a, pl: a[0, 1] | 1 << 9), "9-bit mask"),
+    "1x1 mask with an off-centre tap": ("forward", _set("masks", (0, 0), lambda a, pl: 0x1FF), "9-bit mask"),
+    "masks of the wrong shape": ("forward", _replace("masks", lambda t: t[:-1].clone()), "masks must be"),
+    # Every output block some job's, every job queued, each once.
+    "forward job repeated": ("forward", _set("jobs", 1, lambda a, pl: a[0]), "repeats"),
+    "queue runs a job twice": ("forward", _set("queues", -1, lambda a, pl: a[-2]), "every job index"),
+    "queue offsets short of the jobs": ("dgrad", _set("queues", _plan("dgrad").programs,
+                                                      lambda a, pl: a[pl.programs] - 1),
+                                        "queue offsets must run from 0"),
+    "jobs as int64": ("forward", _replace("jobs", lambda t: t.long()), "contiguous int32"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TABLES))
+def test_cpp_check_rejects_tables_the_kernels_cannot_walk(case):
+    kind, edit, message = BAD_TABLES[case]
+    plan = _plan(kind)
+    _check(plan)  # the plan itself passes
+    with pytest.raises(RuntimeError, match=message):
+        _check(plan, **edit(plan))
+
+
+def test_cpp_check_rejects_empty_problems():
+    """A job with no K chunk (C = 0 forward, Co = 0 dgrad) would walk forever: the backends write those outputs
+    on the host and never hand such a plan over."""
+    plan = _plan("forward")
+    C = _extension()
+    t = plan.device_tensors("cpu")
+    args = [t["jobs"], t["queues"], t["masks"], t["tap_offsets"], t["tap_entries"], list(PLAN.rates)]
+    tile = [plan.tiles.tile_h, plan.tiles.tile_w, plan.tiles.stack]
+    for n, c, co, h, w in [(PLAN.n, 0, PLAN.co, PLAN.h, PLAN.w), (PLAN.n, PLAN.c, 0, PLAN.h, PLAN.w),
+                           (PLAN.n, PLAN.c, PLAN.co, 0, PLAN.w)]:
+        with pytest.raises(RuntimeError, match="H, W, C, Co >= 1"):
+            C.sm90_check_plan("forward", *args, n, c, co, h, w, *tile)
+
+
+def test_the_backend_checks_each_plan_before_copying_it(monkeypatch):
+    """cuda._sm90_tables hands the kernels only plans that passed the checks."""
+    _extension()
+    from resaspp_ops.backend import cuda as cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "_sm_count", lambda index: PROGRAMS)
+    x = torch.zeros(PLAN.n, PLAN.c, PLAN.h, PLAN.w)
+    good = _plan("dgrad")
+    tables, tile = cuda_backend._sm90_tables("dgrad", x, PLAN.co, PLAN.rates)
+    assert tables[0].tolist() == good.jobs.tolist()
+    assert tile == [good.tiles.tile_h, good.tiles.tile_w, good.tiles.stack]
+    jobs = good.jobs.copy()
+    jobs[0, 3] += 1
+    broken = P.Sm90Plan(**{**good.__dict__, "jobs": jobs})
+    monkeypatch.setattr(P, "plan", lambda *args: broken)
+    with pytest.raises(RuntimeError, match="counts .* taps where its tile's masks hold"):
+        cuda_backend._sm90_tables("dgrad", x, PLAN.co, PLAN.rates)

@@ -141,37 +141,73 @@ def kernel_status() -> str:
                    "(SM90_VALIDATED in resaspp_ops/backend/cuda.py); RESASPP_CUDA_KERNEL=sm90 runs them")
 
 
+@functools.lru_cache(maxsize=256)
+def checked_sm90_plan(p: sm90_plan.Sm90Plan) -> sm90_plan.Sm90Plan:
+    """p, once its host tables have passed the C++ checks of what the kernels walk (csrc/sm90_host.cpp make_plan,
+    through _C.sm90_check_plan: shapes, index ranges, the producer's walk against the consumers' step counts,
+    every job queued and every output block written once). A mismatch would hang the GPU; make_plan cannot
+    read the device copies without a sync at every launch, so each plan is checked here, once."""
+    t = p.device_tensors("cpu")
+    extension().sm90_check_plan(p.kind, t["jobs"], t["queues"], t["masks"], t["tap_offsets"], t["tap_entries"],
+                                list(p.rates), p.n, p.c, p.co, p.h, p.w, p.tiles.tile_h, p.tiles.tile_w,
+                                p.tiles.stack)
+    return p
+
+
 def _sm90_tables(kind, x, co, rates):
     n, c, h, w = x.shape
-    p = sm90_plan.plan(kind, n, c, co, h, w, tuple(rates), _sm_count(x.device.index))
+    p = checked_sm90_plan(sm90_plan.plan(kind, n, c, co, h, w, tuple(rates), _sm_count(x.device.index)))
     t = p.device_tensors(x.device)
     tables = [t["jobs"], t["queues"], t["masks"], t["tap_offsets"], t["tap_entries"]]
     return tables, [p.tiles.tile_h, p.tiles.tile_w, p.tiles.stack]
 
 
+def _empty_output(x, w1x1, rates):
+    """[N, (1+B) Co, H, W] channels_last: the output of a problem without output elements."""
+    n, _, h, w = x.shape
+    return x.new_empty((n, (1 + len(rates)) * w1x1.shape[0], h, w)).contiguous(memory_format=torch.channels_last)
+
+
 def forward(x, w1x1, w3x3, rates, scale, shift, relu):
     n, c, h, w = x.shape
     co = w1x1.shape[0]
+    if n * h * w * co == 0:  # nothing to compute; the plans have no tiles to cover (H = 0 or W = 0)
+        return _empty_output(x, w1x1, rates)
     kernel, _ = kernel_choice(x.device, x.dtype, c, co)
     tables, tile = [], []
-    if kernel == "sm90":
+    if c == 0:
+        pass  # the epilogue of an empty sum, written by the host (csrc/multi_rate_conv2d.cpp): no plan
+    elif kernel == "sm90":
         tables, tile = _sm90_tables("forward", x, co, rates)
     elif kernel == "mma":
         tables, tile = mma_plan.device_tables("forward", n, c, h, w, tuple(rates), x.device)
     return extension().forward(x, w1x1, w3x3, list(rates), scale, shift, relu, kernel, tables, tile)
 
 
+def _no_pixel_grads(x, w1x1, w3x3, need_x, need_w):
+    """(grad_x, grad_w1x1, grad_w3x3) of a problem without pixels (N, H or W = 0): an empty grad_x, zero weight
+    grads, None where not requested."""
+    grad_x = torch.empty_like(x, memory_format=torch.channels_last) if need_x else None
+    if not need_w:
+        return grad_x, None, None
+    zeros = [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (w1x1, w3x3)]
+    return grad_x, zeros[0], zeros[1]
+
+
 def backward(grad, x, w1x1, w3x3, rates, need_x, need_w):
     n, c, h, w = x.shape
     co = w1x1.shape[0]
+    if n * h * w == 0:
+        return _no_pixel_grads(x, w1x1, w3x3, need_x, need_w)
     kernel, _ = kernel_choice(x.device, x.dtype, c, co)
     dgrad, dtile, wgrad, wtile = [], [], [], []
-    if kernel == "sm90":
+    launches = c > 0 and co > 0  # else the host writes the zeros or empties (csrc/multi_rate_conv2d.cpp): no plan
+    if kernel == "sm90" and launches:
         if need_x:
             dgrad, dtile = _sm90_tables("dgrad", x, co, rates)
         if need_w:
             wgrad, wtile = _sm90_tables("wgrad", x, co, rates)
-    elif kernel == "mma" and need_x:
+    elif kernel == "mma" and need_x and launches:
         dgrad, dtile = mma_plan.device_tables("dgrad", n, c, h, w, tuple(rates), x.device)
     grad_x, grad_w1x1, grad_w3x3 = extension().backward(grad, x, w1x1, w3x3, list(rates), need_x, need_w, kernel,
                                                          dgrad, dtile, wgrad, wtile)

@@ -101,6 +101,8 @@ def _aligned16(t: torch.Tensor) -> torch.Tensor:
 
 def _forward(kernels, kernel, x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, scale, shift, relu):
     n, c, h, w = x.shape
+    if n * h * w * w1x1.shape[0] == 0:  # nothing to compute; the plan has no tiles to cover (H = 0 or W = 0)
+        return x.new_empty((n, (1 + len(rates)) * w1x1.shape[0], h, w)).contiguous(memory_format=torch.channels_last)
     ops = pack_weights(w1x1, w_dw, w_pw, mid_scale, mid_shift, dtype=accumulation_dtype(x.dtype))
     p = plan(n, h, w, tuple(rates))
     return kernels.separable_forward(x.contiguous(memory_format=torch.channels_last), ops.dw, ops.pw, ops.mid_scale,
@@ -114,7 +116,19 @@ def forward(x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, scale, s
                     shift, relu)
 
 
+def _no_pixel_grads(x, w1x1, w_dw, w_pw, mid_scale, mid_shift, need_x, need_w, need_mid):
+    """The grads of a problem without pixels (N, H or W = 0): an empty grad_x, zeros for the rest, None where not
+    requested (or, for mid_scale / mid_shift, not given)."""
+    def zeros(t, wanted):
+        return torch.zeros_like(t, memory_format=torch.contiguous_format) if wanted and t is not None else None
+    grad_x = torch.empty_like(x, memory_format=torch.channels_last) if need_x else None
+    return (grad_x, zeros(w1x1, need_w), zeros(w_dw, need_w), zeros(w_pw, need_w), zeros(mid_scale, need_mid),
+            zeros(mid_shift, need_mid))
+
+
 def _backward(kernels, kernel, grad, x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, need_x, need_w, need_mid):
+    if x.shape[0] * x.shape[2] * x.shape[3] == 0:
+        return _no_pixel_grads(x, w1x1, w_dw, w_pw, mid_scale, mid_shift, need_x, need_w, need_mid)
     x = x.contiguous(memory_format=torch.channels_last)
     grad = grad.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
