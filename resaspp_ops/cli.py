@@ -62,10 +62,7 @@ def cmd_info(args) -> int:
     gpu = torch.cuda.is_available()
     print(f"CUDA device: {torch.cuda.get_device_name() if gpu else 'none visible'}")
     ext = cuda_backend.extension()
-    try:
-        from resaspp_ops._build_config import BUILD_CONFIG
-    except ImportError:
-        BUILD_CONFIG = None
+    BUILD_CONFIG = cuda_backend.build_record()
     if ext is not None and BUILD_CONFIG:
         print(f"resaspp_ops._C: built for TORCH_CUDA_ARCH_LIST={BUILD_CONFIG['arch_list']} "
               f"with {BUILD_CONFIG['cuda_home']} (torch {BUILD_CONFIG['torch']})")

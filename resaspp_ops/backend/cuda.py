@@ -32,9 +32,40 @@ KERNELS = ("auto", "sm90", "mma", "simt")
 SM90_VALIDATED: dict = {}
 
 
+def build_record() -> dict | None:
+    """What setup.py recorded of the last build of _C (archs, toolkit, the torch it compiled against), or None."""
+    try:
+        from resaspp_ops._build_config import BUILD_CONFIG
+    except ImportError:
+        return None
+    return BUILD_CONFIG
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
+
+
+def torch_mismatch(record: dict | None) -> str | None:
+    """Why a _C built as `record` says cannot load in this torch, or None. A C++ extension is tied to the torch
+    release (and CUDA major) it compiled against: under another one it fails with undefined symbols, or worse."""
+    if not record or not record.get("torch"):
+        return None
+    built, built_cuda = record["torch"], record.get("torch_cuda") or ""
+    here_cuda = torch.version.cuda or ""
+    if _release(built) == _release(torch.__version__) and built_cuda.split(".")[0] == here_cuda.split(".")[0]:
+        return None
+    return (f"resaspp_ops._C was built against torch {built} (CUDA {built_cuda or 'none'}), but this is torch "
+            f"{torch.__version__} (CUDA {here_cuda or 'none'}): rebuild it for this torch (pip install "
+            "--no-build-isolation --force-reinstall resaspp_ops, or a wheel built against this torch)")
+
+
 @functools.lru_cache(maxsize=None)
 def _load():
-    """(module, None) or (None, why it cannot be imported). Imported on first use, never at package import."""
+    """(module, None) or (None, why it cannot be imported). Imported on first use, never at package import;
+    not at all under a torch other than the one it was built against."""
+    mismatch = torch_mismatch(build_record())
+    if mismatch:
+        return None, mismatch
     try:
         from resaspp_ops import _C
     except ImportError as exc:
@@ -123,11 +154,7 @@ def kernel_choice(device: torch.device, dtype: torch.dtype, c: int, co: int) -> 
 
 def kernel_status() -> str:
     """A line for `resaspp info`: the sm90 build, and what "auto" does with it."""
-    try:
-        from resaspp_ops._build_config import BUILD_CONFIG
-    except ImportError:
-        BUILD_CONFIG = None
-    info = (BUILD_CONFIG or {}).get("sm90") or {}
+    info = (build_record() or {}).get("sm90") or {}
     if extension() is None:
         return "cuda kernels: resaspp_ops._C not built"
     built = sm90_built()
