@@ -221,8 +221,8 @@ install_carried() {  # install_carried NAME: the carried wheel into $SITE, offli
 phase_tools() {  # what the image lacks, from the wheels prepare.sh carried
   [[ -n "${TOOLS_DONE:-}" ]] && return 0
   TOOLS_DONE=1
-  # pyproject.toml's build needs setuptools >= 77; torch 2.11 pins < 82.
-  python_has setuptools 77 82 || install_carried setuptools || mark_failed
+  # setup.py builds with setuptools >= 70.1 (older ones need the wheel package); torch 2.11 pins < 82.
+  python_has setuptools 71 82 || install_carried setuptools || mark_failed
   if [[ -z "${RESASPP_CUTLASS_DIR:-}" ]] && ! python_has cutlass_library; then
     install_carried nvidia_cutlass || mark_failed
   fi
