@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from resaspp_ops.backend.triton.tiles import epilogue_store, job_rows, live_tap_table, load_job
+from resaspp_ops.backend.triton.tiles import epilogue_store, job_rows, live_tap_table, load_job, relu
 
 
 @triton.jit
@@ -40,14 +40,14 @@ def depthwise_block(x_ptr, dw_ptr, row, hh, ww, valid, table, n_live, branch, ra
 def mid_stage(d, branch, k0, offs_k, k_ok, C, mid_scale_ptr, mid_shift_ptr,
               HAS_MID_SCALE: tl.constexpr, HAS_MID_SHIFT: tl.constexpr, MID_RELU: tl.constexpr):
     """(m, a): m = d * mid_scale + mid_shift of the branch's channels (fp32), a = ReLU(m) under MID_RELU (never
-    on branch 0, the 1x1, whose mid stage is the identity). mid_*_ptr [(1+B) * C] fp32."""
+    on branch 0, the 1x1, whose mid stage is the identity; NaN kept, as torch.relu). mid_*_ptr [(1+B) * C] fp32."""
     if HAS_MID_SCALE:
         d = d * tl.load(mid_scale_ptr + branch * C + k0 + offs_k, mask=k_ok, other=0.0)[None, :]
     if HAS_MID_SHIFT:
         d = d + tl.load(mid_shift_ptr + branch * C + k0 + offs_k, mask=k_ok, other=0.0)[None, :]
     a = d
     if MID_RELU:
-        a = tl.where((branch == 0) | (d > 0), d, 0.0)
+        a = tl.where(branch == 0, d, relu(d))
     return d, a
 
 

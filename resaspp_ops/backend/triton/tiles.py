@@ -161,6 +161,20 @@ def branch_taps(acc, src_img, src_stride, w_taps, n_out, k_total, rate, h0, h1, 
 
 
 @triton.jit
+def relu(v):
+    """torch.relu: max(v, 0) with NaN kept (max.NaN.f32). tl.maximum's default would not do: max.f32 returns the
+    number when one operand is NaN."""
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def relu_grad(grad, pre):
+    """torch.relu's backward (threshold_backward on its output): grad, zeroed where the pre-activation is <= 0;
+    a NaN pre-activation passes its grad."""
+    return tl.where(pre <= 0, 0.0, grad)
+
+
+@triton.jit
 def epilogue_store(acc, out_ptr, row_off, row_mask, ch, offs_n, CO, scale_ptr, shift_ptr,
                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, RELU: tl.constexpr):
     """out[row, ch + n] = act(acc * scale[ch + n] + shift[ch + n]) for n < CO: the folded BatchNorm and ReLU in
@@ -171,7 +185,7 @@ def epilogue_store(acc, out_ptr, row_off, row_mask, ch, offs_n, CO, scale_ptr, s
     if HAS_SHIFT:
         acc = acc + tl.load(shift_ptr + ch + offs_n, mask=n_mask, other=0.0)[None, :]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = relu(acc)
     tl.store(out_ptr + row_off[:, None] + ch + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_mask[:, None] & n_mask[None, :])
 
