@@ -248,6 +248,13 @@ def _add(a, b):
 
 
 @triton.jit
+def pick(values, offs, index):
+    """values[index] as a scalar, for a small 1-D register tensor `values` whose element j sits at offs == j:
+    a masked sum, so a loop can index a table it loaded once (no load in the loop)."""
+    return tl.reduce(tl.where(offs == index, values, 0), 0, _add)
+
+
+@triton.jit
 def column_sum(x):
     """x [M, N] summed over M: tl.sum's result through tl.reduce, because tl.sum (like tl.zeros) is a
     standard-library jit function, which Triton's interpreter cannot call when triton was imported before
