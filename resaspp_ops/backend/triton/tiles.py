@@ -191,6 +191,23 @@ def epilogue_store(acc, out_ptr, row_off, row_mask, ch, offs_n, CO, scale_ptr, s
 
 
 @triton.jit
+def epilogue_store_halves(acc, out_ptr, row_off, row_mask, ch, n0, CO, scale_ptr, shift_ptr,
+                          HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, RELU: tl.constexpr):
+    """epilogue_store of acc [BLOCK_M, BLOCK_N] (channels n0 .. n0 + BLOCK_N - 1) as two halves of BLOCK_N / 2
+    channels, one after the other. A thread of a 256-wide warpgroup-MMA accumulator holds 64 of its columns:
+    their scale and shift take 128 registers beside the accumulator's 128 when the epilogue is done whole
+    (the separable forward spilled 72 B under Triton 3.6), half that by halves. The split only relabels
+    registers: every thread holds columns of both halves."""
+    BLOCK_M: tl.constexpr = acc.shape[0]
+    HALF: tl.constexpr = acc.shape[1] // 2
+    lo, hi = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, HALF]), [0, 2, 1]))   # columns [0, HALF), [HALF, ..)
+    offs_h = n0 + tl.arange(0, HALF)
+    epilogue_store(lo, out_ptr, row_off, row_mask, ch, offs_h, CO, scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, RELU)
+    epilogue_store(hi, out_ptr, row_off, row_mask, ch, offs_h + HALF, CO, scale_ptr, shift_ptr, HAS_SCALE,
+                   HAS_SHIFT, RELU)
+
+
+@triton.jit
 def job_rows(image, tile, TILES_W, N, H, W, STACK: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
              BLOCK_M: tl.constexpr, IDX64: tl.constexpr):
     """(row [BLOCK_M], hh, ww, valid) of a job of the work list: its tile in images image .. image + STACK - 1.
