@@ -265,7 +265,7 @@ def _judged(launches: list[Launch], arch: int, autotune) -> list[Launch]:
             launch.warnings.append("K loop not pipelined")
         stages = launch.meta.get("STAGES", launch.num_stages)
         if launch.pipelined and launch.buffers is not None and launch.buffers < stages:
-            launch.warnings.append(f"{launch.buffers} operand buffers for {stages} stages")
+            launch.warnings.append(f"operands buffered {launch.buffers} deep for {stages} stages")
     return launches
 
 
