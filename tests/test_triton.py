@@ -141,6 +141,39 @@ def test_64bit_offset_paths(version, monkeypatch):
                           floor=1e-5)
 
 
+def test_both_dgrad_segment_loops_agree(monkeypatch):
+    """dgrad_v2 with the tile's segment table in registers (the default) and with the earlier loop that loads a
+    code and a rate every step (RESASPP_TRITON_DGRAD_SEGMENTS=loads, kept until a GPU compares them): the same
+    steps in the same order, so bitwise the same grad_x, and right against float64."""
+    p = Problem(2, 20, 12, 9, 13, (1, 2, 3))
+    x, w1, w3, scale, shift = make_problem(p, torch.float32, epilogue=True, seed=5)
+    grad_out = torch.randn((p.n, 4 * p.co, p.h, p.w), generator=torch.Generator().manual_seed(6))
+    grads = {}
+    with triton_backend.use_kernel_version("v2"):
+        for choice in ("registers", "loads"):
+            monkeypatch.setenv("RESASPP_TRITON_DGRAD_SEGMENTS", choice)
+            leaf = _leaf(x)
+            y = resaspp_ops.multi_rate_conv2d(leaf, w1, w3, p.rates, scale, shift, relu=False, backend="triton")
+            (grads[choice],) = torch.autograd.grad(y, [leaf], grad_out)
+    assert torch.equal(grads["registers"], grads["loads"])
+    leaf = _leaf(x.double())
+    y64 = resaspp_ops.multi_rate_conv2d_reference(leaf, w1.double(), w3.double(), p.rates, scale.double(),
+                                                  shift.double())
+    (want,) = torch.autograd.grad(y64, [leaf], grad_out.double())
+    leaf = _leaf(x)
+    (same,) = torch.autograd.grad(resaspp_ops.multi_rate_conv2d_reference(leaf, w1, w3, p.rates, scale, shift),
+                                  [leaf], grad_out)
+    assert_error_rule(grads["registers"], want, same, what="grad_x")
+
+
+def test_an_unknown_dgrad_segment_loop_is_refused(monkeypatch):
+    from resaspp_ops.backend.triton import configs
+
+    monkeypatch.setenv("RESASPP_TRITON_DGRAD_SEGMENTS", "shared")
+    with pytest.raises(ValueError, match="RESASPP_TRITON_DGRAD_SEGMENTS='shared': choose registers or loads"):
+        configs.dgrad_preload_segments()
+
+
 def test_autotuned_launch_path(version, monkeypatch):
     """The opt-in autotuning path (RESASPP_TRITON_AUTOTUNE=1: autotuner, pruners, grid from META, best_config),
     with fake timings: the interpreter cannot time a kernel, so every config ties and the first pruned one runs.

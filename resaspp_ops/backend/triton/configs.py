@@ -6,6 +6,10 @@ Switches (read at call time):
                                  one compile a kernel and shape). With 1 the second design times at most
                                  len(V2_TUNED) = 6 candidates a kernel, keyed without the batch size, the choice
                                  kept on disk (cache_results); the first design its old lists (~28 candidates)
+    RESASPP_TRITON_DGRAD_SEGMENTS=registers|loads
+                                 dgrad_v2's K loop: the tile's segment table in registers before the loop (default)
+                                 or the earlier loop's two chained loads a step (dgrad_preload_segments), until a
+                                 GPU compares the two (benchmarks/NOTES.md)
 
 Block shapes (Hopper): BLOCK_M = TILE_H * TILE_W output pixels >= 64 and warps a multiple of 4, so tl.dot
 can lower to warpgroup MMA. The forward keeps one fp32 accumulator per branch live at once, so configs
@@ -35,6 +39,15 @@ def autotune_enabled(device: torch.device) -> bool:
     if device.type != "cuda" or interpreting():
         return False
     return os.environ.get("RESASPP_TRITON_AUTOTUNE", "0").strip().lower() in _TRUE
+
+
+def dgrad_preload_segments() -> bool:
+    """RESASPP_TRITON_DGRAD_SEGMENTS: "registers" (unset: the default) puts dgrad_v2's segment table in registers
+    before its K loop, "loads" keeps the earlier loop (a code and a rate loaded every step)."""
+    choice = os.environ.get("RESASPP_TRITON_DGRAD_SEGMENTS", "registers").strip().lower() or "registers"
+    if choice not in ("registers", "loads"):
+        raise ValueError(f"RESASPP_TRITON_DGRAD_SEGMENTS={choice!r}: choose registers or loads")
+    return choice == "registers"
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -93,7 +93,8 @@ def dgrad(k, g, x, w1x1, w3x3, rates, rates_t, key):
             g, wc, wd, rates_t, _device_array(dplan.jobs, x.device), _device_array(dplan.segments, x.device),
             _device_array(dplan.n_segments, x.device), gx_nhwc, count, tiles_w=plan.tiles_w,
             idx64=k.configs.needs_int64(n * h * w * max(c, gc)), precision=k.configs.dot_precision(x.dtype),
-            upcast=host.upcast(k, x), config=config, tune=host.counter() is None and k.configs.autotune_enabled(x.device))
+            upcast=host.upcast(k, x), config=config, tune=host.counter() is None and k.configs.autotune_enabled(x.device),
+            preload_segments=k.configs.dgrad_preload_segments())
     if count is not None:
         _record("dgrad_v2", count, programs, plan, -(-c // config["BLOCK_N"]))
     return gx_nhwc.permute(0, 3, 1, 2)

@@ -7,6 +7,12 @@ K loop over the job's segments: first the centre taps of all 1 + B branches at o
 concatenated grad, the 1x1 branch included), then each live off-centre tap of each atrous branch (K = Co), as
 listed by the host for the tile (resaspp_ops.backend.jobs.dgrad_plan). grad_x is written once: no atomics.
 The first design (dgrad.py, RESASPP_TRITON_KERNEL=v1) looped branch by branch with narrower C blocks.
+
+The tile's segment codes and their rates are loaded into registers before the K loop (PRELOAD_SEGMENTS) and a
+step picks its own by a masked sum: a load inside the loop whose value feeds the operand addresses takes the
+software pipeline a stage (two chained ones left the loop 2 operand buffers where the forward gets 3;
+benchmarks/NOTES.md). PRELOAD_SEGMENTS=False keeps those loads (configs.dgrad_preload_segments) until a GPU
+compares the two.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import triton.language as tl
 
 from resaspp_ops.backend.triton import configs
 from resaspp_ops.backend.triton.host import launch
-from resaspp_ops.backend.triton.tiles import job_rows
+from resaspp_ops.backend.triton.tiles import job_rows, pick
 
 
 @triton.jit
@@ -33,6 +39,8 @@ def _dgrad_v2_kernel(
     TILES_W,      # tiles across one image
     IDX64: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # bf16 operands cast to fp32 before tl.dot: only for the interpreter, whose dot lacks bf16
+    SEG_BLOCK: tl.constexpr,         # SEG_STRIDE rounded up to a power of two
+    PRELOAD_SEGMENTS: tl.constexpr,  # the segment table in registers before the K loop (else a load a step)
     STACK: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
@@ -54,13 +62,23 @@ def _dgrad_v2_kernel(
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     n_kc = (GC + BLOCK_K - 1) // BLOCK_K   # K chunks of the centre segment
     n_ko = (CO + BLOCK_K - 1) // BLOCK_K   # K chunks of an off-centre segment
+    tile_segments = seg_ptr + tile * SEG_STRIDE
+    if PRELOAD_SEGMENTS:
+        offs_s = tl.arange(0, SEG_BLOCK)
+        seg_ok = offs_s < n_seg
+        codes = tl.load(tile_segments + offs_s, mask=seg_ok, other=0)              # [SEG_BLOCK]
+        seg_rates = tl.load(rates_ptr + tl.maximum(codes // 16 - 1, 0), mask=seg_ok, other=0)
     for i in tl.range(0, n_kc + n_seg * n_ko, num_stages=STAGES):
         centre = i < n_kc
         s = tl.maximum(i - n_kc, 0) // n_ko
-        code = tl.load(seg_ptr + tile * SEG_STRIDE + tl.minimum(s, SEG_STRIDE - 1))
+        if PRELOAD_SEGMENTS:
+            code = pick(codes, offs_s, s)
+            rate = pick(seg_rates, offs_s, s)
+        else:
+            code = tl.load(tile_segments + tl.minimum(s, SEG_STRIDE - 1))
+            rate = tl.load(rates_ptr + tl.maximum(code // 16 - 1, 0))
         br = tl.maximum(code // 16 - 1, 0)   # atrous branch index (0-based) of an off-centre segment
         tap = code % 16
-        rate = tl.load(rates_ptr + br)
         k0 = tl.where(centre, i, i - n_kc - s * n_ko) * BLOCK_K
         k_len = tl.where(centre, GC, CO)
         ch = tl.where(centre, 0, (1 + br) * CO)
@@ -91,23 +109,25 @@ def _dgrad_v2_kernel(
 _dgrad_v2_tuned = triton.autotune(
     configs=configs.V2_TUNED,
     prune_configs_by={"early_config_prune": configs.v2_prune},
-    key=["H", "W", "C", "CO", "GC", "SEG_STRIDE", "TILES_W", "PRECISION", "UPCAST", "STACK", "TILE_H", "TILE_W",
-         "BLOCK_M", "BLOCK_K"],   # not N: a new batch size reuses the choice
+    key=["H", "W", "C", "CO", "GC", "SEG_STRIDE", "TILES_W", "PRECISION", "UPCAST", "PRELOAD_SEGMENTS", "STACK",
+         "TILE_H", "TILE_W", "BLOCK_M", "BLOCK_K"],   # not N: a new batch size reuses the choice
     cache_results=True,
 )(_dgrad_v2_kernel)
 
 
 def run(g, wc, wd, rates_t, jobs, segments, n_segments, grad_x, counter, *, tiles_w, idx64, precision, upcast,
-        config, tune=False):
+        config, tune=False, preload_segments=True):
     """g [N, H, W, (1+B)*Co] NHWC; wc [(1+B)*Co, C]; wd [B, 9, Co, C]; rates_t [B] int32; jobs [J, 2],
     segments [tiles, 8B], n_segments [tiles] int32 (jobs.dgrad_plan); grad_x [N, H, W, C] NHWC, written whole.
-    config and tune as forward_v2.run's. Returns the number of programs."""
+    config and tune as forward_v2.run's; preload_segments: the K loop's segment table in registers (False: the
+    earlier loop, a load a step). Returns the number of programs."""
     n, h, w, gc = g.shape
     c = grad_x.shape[3]
     b = rates_t.shape[0]
     co = gc // (1 + b)
     args = (g, wc, wd, rates_t, jobs, segments, n_segments, grad_x, grad_x if counter is None else counter,
-            n, h, w, c, co, gc, segments.shape[1], tiles_w, idx64, counter is not None, precision, upcast)
+            n, h, w, c, co, gc, segments.shape[1], tiles_w, idx64, counter is not None, precision, upcast,
+            triton.next_power_of_2(segments.shape[1]), preload_segments)
 
     def grid(meta):
         return (jobs.shape[0] * triton.cdiv(c, meta["BLOCK_N"]),)

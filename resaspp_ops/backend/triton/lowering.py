@@ -3,8 +3,8 @@
 Runs the backend's own host code (config choice, weight packing, grouping of branches, 64-bit switch, split-K)
 on fake CUDA tensors (torch's FakeTensorMode: shapes, no memory), and turns each kernel launch into Triton's
 own argument binding and specialisation followed by a compile for the target. Per launch it reports the
-meta-parameters, the shared memory, registers and spills, and whether tl.dot became warpgroup MMA with
-pipelined K loops. It catches before any GPU time what the interpreter cannot: a constexpr combination that
+meta-parameters, the shared memory, registers and spills, whether tl.dot became warpgroup MMA with
+pipelined K loops, and the pipeline depth the compiler allocated (the operand buffers' ring). It catches before any GPU time what the interpreter cannot: a constexpr combination that
 does not compile, shared memory past the target's per-block limit, spills.
 
     python -m resaspp_ops.backend.triton.lowering [--quick]   # the benchmark presets x dtypes, fwd + bwd
@@ -48,6 +48,7 @@ class Launch:
     wgmma: Optional[bool] = None
     mma: Optional[str] = None          # the wgmma instruction shape(s) in the PTX, e.g. "m64n256k16"
     pipelined: Optional[bool] = None
+    buffers: Optional[int] = None      # shared-memory buffers a dot operand gets: the pipeline depth (_operand_buffers)
     a_bytes: Optional[int] = None      # operand bytes the launch loads (second design: from its work list)
     b_bytes: Optional[int] = None
     error: Optional[str] = None
@@ -89,6 +90,22 @@ def _resources(ptx: str, arch: int) -> tuple[Optional[int], Optional[int]]:
     return registers, spills
 
 
+def _operand_buffers(ttgir: str) -> Optional[int]:
+    """The pipeline depth the compiler allocated: the leading dimension of the floating-point shared-memory
+    buffers (ttg.local_alloc of a memdesc stages x rows x columns), the smallest where they differ; 1 where the
+    operands are staged in single buffers (rank 2); None without any. Integer buffers (barriers, pipelined
+    scalar loads) do not count."""
+    depths = []
+    for line in ttgir.splitlines():
+        if "ttg.local_alloc" not in line:
+            continue
+        for shape in re.findall(r"!ttg\.memdesc<([0-9x]+x[a-zA-Z][a-zA-Z0-9]*)", line):
+            *dims, element = shape.split("x")
+            if element.startswith(("f", "bf", "tf")):
+                depths.append(int(dims[0]) if len(dims) >= 3 else 1)
+    return min(depths) if depths else None
+
+
 @contextlib.contextmanager
 def _compile_instead_of_launch(arch: int, launches: list):
     """Every JITFunction launch inside compiles for sm_<arch> and records a Launch instead of running."""
@@ -123,6 +140,7 @@ def _compile_instead_of_launch(arch: int, launches: list):
             shapes = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", kernel.asm["ptx"])))
             record.mma = "+".join(shapes) or None
             record.pipelined = "async_copy_global_to_local" in kernel.asm["ttgir"] or "ttng.tma" in kernel.asm["ttgir"]
+            record.buffers = _operand_buffers(kernel.asm["ttgir"])
         launches.append(record)
         return None
 
@@ -231,7 +249,7 @@ def lower_separable(n: int, c: int, co: int, h: int, w: int, rates: tuple, dtype
 
 def _judged(launches: list[Launch], arch: int, autotune) -> list[Launch]:
     """The launches with their problems (no compile, shared memory past the limit) and warnings (spills, an
-    unpipelined K loop) filled in."""
+    unpipelined K loop, fewer operand buffers than the loop's stages) filled in."""
     limit = SHARED_LIMIT.get(arch, SHARED_LIMIT[90])
     for launch in launches:
         if launch.error:
@@ -245,6 +263,9 @@ def _judged(launches: list[Launch], arch: int, autotune) -> list[Launch]:
             launch.warnings.append(f"{launch.spills} B spilled")
         if launch.wgmma and not launch.pipelined:
             launch.warnings.append("K loop not pipelined")
+        stages = launch.meta.get("STAGES", launch.num_stages)
+        if launch.pipelined and launch.buffers is not None and launch.buffers < stages:
+            launch.warnings.append(f"operands buffered {launch.buffers} deep for {stages} stages")
     return launches
 
 
@@ -290,7 +311,7 @@ def main(argv=None) -> int:
     cases = _sweep_cases(args.quick)
     bad = slow = 0
     print(f"{'case':34s} {'dtype':9s} {'kernel':18s} {'meta':64s} warps stages  smem KiB regs spill "
-          f"{'wgmma':11s} pipe programs   A MiB   B MiB")
+          f"{'wgmma':11s} pipe  bufs programs   A MiB   B MiB")
     for family, name, n, c, co, h, w, rates in cases:
         for dtype in dtypes:
             if family == "separable":
@@ -311,7 +332,7 @@ def main(argv=None) -> int:
                     print(f"{label:34s} {str(dtype)[6:]:9s} {kernel:18s} {meta:64s} {launch.num_warps:5d} "
                           f"{launch.num_stages:6d} {launch.shared / 1024:9.1f} {launch.registers!s:>4s} "
                           f"{launch.spills!s:>5s} {launch.mma or launch.wgmma!s:11s} {launch.pipelined!s:5s}"
-                          f"{launch.programs:8d} {mib(launch.a_bytes):>7s} {mib(launch.b_bytes):>7s}"
+                          f"{'-' if launch.buffers is None else launch.buffers:>5}{launch.programs:9d} {mib(launch.a_bytes):>7s} {mib(launch.b_bytes):>7s}"
                           + (f"  <- {'; '.join(launch.problems + launch.warnings)}"
                              if launch.problems or launch.warnings else ""))
                 bad += bool(launch.problems)

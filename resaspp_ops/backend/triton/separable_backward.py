@@ -4,10 +4,11 @@ Per branch b (the 1x1 is branch 0, its depthwise the identity; backend/separable
 [M, Co] of the branch's pre-epilogue output:
 
     dgrad      one program a (tile, block of input channels): dA = G_b @ Wpw_b^T (MMA over Co), then with a
-               mid stage the depthwise block D recomputed on the job's live taps: dM = dA where m = D s + t > 0
-               (under the mid ReLU), the job's partial sums of dM D and dM (grad_mid_scale / grad_mid_shift,
-               reduced over jobs by the host in a fixed order), dD = dM s, stored [N, H, W, C]. Branch 0's
-               dD is its grad_x contribution and goes straight into grad_x.
+               mid stage the depthwise block D recomputed on the job's live taps: dM = dA, zeroed where
+               m = D s + t <= 0 under the mid ReLU (a NaN m passes, as in torch.relu's backward), the job's
+               partial sums of dM D and dM (grad_mid_scale / grad_mid_shift, reduced over jobs by the host in
+               a fixed order), dD = dM s, stored [N, H, W, C]. Branch 0's dD is its grad_x contribution and
+               goes straight into grad_x.
     stencil    one program a (tile, channel block): grad_x += sum over the live taps of dD[p - offset] w_dw[tap]
                (the depthwise transpose; a tap whose mirrored shift is wholly padding is skipped), and the host
                runs it branch by branch over ONE dD buffer: one depthwise-sized temporary at the peak.
@@ -25,7 +26,7 @@ import triton
 import triton.language as tl
 
 from resaspp_ops.backend.triton.separable_forward import depthwise_block, mid_stage
-from resaspp_ops.backend.triton.tiles import branch_rate, column_sum, job_rows, live_tap_table, load_job
+from resaspp_ops.backend.triton.tiles import branch_rate, column_sum, job_rows, live_tap_table, load_job, relu_grad
 
 
 @triton.jit
@@ -80,7 +81,7 @@ def _separable_dgrad_kernel(
         m, _ = mid_stage(d, branch, c0, offs_b, c_mask, C, mid_scale_ptr, mid_shift_ptr,
                          HAS_MID_SCALE, HAS_MID_SHIFT, MID_RELU)
         if MID_RELU:
-            acc = tl.where(m > 0, acc, 0.0)
+            acc = relu_grad(acc, m)
         if NEED_MID:
             if HAS_MID_SCALE:
                 tl.store(mid_grad_ptr + job * C + offs_c, column_sum(acc * d), mask=c_mask)

@@ -6,14 +6,15 @@ pointwise GEMM. A program walks C in chunks of BLOCK_K; per chunk it loads the j
 multiply-adds the depthwise taps in fp32 registers, applies the mid stage (scale, shift, ReLU), casts to x's
 dtype and feeds that [BLOCK_M, BLOCK_K] block as the A operand of the pointwise MMA against the chunk's
 [BLOCK_K, BLOCK_N] weights. The depthwise output never leaves registers; a tap wholly in padding costs nothing.
-Then multi_rate_conv2d's epilogue (tiles.epilogue_store) into the concatenated channels_last output.
+Then multi_rate_conv2d's epilogue into the concatenated channels_last output, half the channels at a time
+(tiles.epilogue_store_halves: whole, it spilled under Triton 3.6).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from resaspp_ops.backend.triton.tiles import epilogue_store, job_rows, live_tap_table, load_job
+from resaspp_ops.backend.triton.tiles import epilogue_store_halves, job_rows, live_tap_table, load_job, relu
 
 
 @triton.jit
@@ -40,14 +41,14 @@ def depthwise_block(x_ptr, dw_ptr, row, hh, ww, valid, table, n_live, branch, ra
 def mid_stage(d, branch, k0, offs_k, k_ok, C, mid_scale_ptr, mid_shift_ptr,
               HAS_MID_SCALE: tl.constexpr, HAS_MID_SHIFT: tl.constexpr, MID_RELU: tl.constexpr):
     """(m, a): m = d * mid_scale + mid_shift of the branch's channels (fp32), a = ReLU(m) under MID_RELU (never
-    on branch 0, the 1x1, whose mid stage is the identity). mid_*_ptr [(1+B) * C] fp32."""
+    on branch 0, the 1x1, whose mid stage is the identity; NaN kept, as torch.relu). mid_*_ptr [(1+B) * C] fp32."""
     if HAS_MID_SCALE:
         d = d * tl.load(mid_scale_ptr + branch * C + k0 + offs_k, mask=k_ok, other=0.0)[None, :]
     if HAS_MID_SHIFT:
         d = d + tl.load(mid_shift_ptr + branch * C + k0 + offs_k, mask=k_ok, other=0.0)[None, :]
     a = d
     if MID_RELU:
-        a = tl.where((branch == 0) | (d > 0), d, 0.0)
+        a = tl.where(branch == 0, d, relu(d))
     return d, a
 
 
@@ -104,8 +105,8 @@ def _separable_forward_kernel(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
-    epilogue_store(acc, out_ptr, row * OUT_C, valid, branch * CO, offs_n, CO, scale_ptr, shift_ptr,
-                   HAS_SCALE, HAS_SHIFT, RELU)
+    epilogue_store_halves(acc, out_ptr, row * OUT_C, valid, branch * CO, nb * BLOCK_N, CO, scale_ptr, shift_ptr,
+                          HAS_SCALE, HAS_SHIFT, RELU)
 
 
 def run(xh, ops, jobs, rates_t, out, mid_relu, scale, shift, relu, counter, *, tiles_w, idx64, precision, upcast,

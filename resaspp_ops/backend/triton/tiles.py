@@ -161,6 +161,20 @@ def branch_taps(acc, src_img, src_stride, w_taps, n_out, k_total, rate, h0, h1, 
 
 
 @triton.jit
+def relu(v):
+    """torch.relu: max(v, 0) with NaN kept (max.NaN.f32). tl.maximum's default would not do: max.f32 returns the
+    number when one operand is NaN."""
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def relu_grad(grad, pre):
+    """torch.relu's backward (threshold_backward on its output): grad, zeroed where the pre-activation is <= 0;
+    a NaN pre-activation passes its grad."""
+    return tl.where(pre <= 0, 0.0, grad)
+
+
+@triton.jit
 def epilogue_store(acc, out_ptr, row_off, row_mask, ch, offs_n, CO, scale_ptr, shift_ptr,
                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, RELU: tl.constexpr):
     """out[row, ch + n] = act(acc * scale[ch + n] + shift[ch + n]) for n < CO: the folded BatchNorm and ReLU in
@@ -171,9 +185,26 @@ def epilogue_store(acc, out_ptr, row_off, row_mask, ch, offs_n, CO, scale_ptr, s
     if HAS_SHIFT:
         acc = acc + tl.load(shift_ptr + ch + offs_n, mask=n_mask, other=0.0)[None, :]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = relu(acc)
     tl.store(out_ptr + row_off[:, None] + ch + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def epilogue_store_halves(acc, out_ptr, row_off, row_mask, ch, n0, CO, scale_ptr, shift_ptr,
+                          HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, RELU: tl.constexpr):
+    """epilogue_store of acc [BLOCK_M, BLOCK_N] (channels n0 .. n0 + BLOCK_N - 1) as two halves of BLOCK_N / 2
+    channels, one after the other. A thread of a 256-wide warpgroup-MMA accumulator holds 64 of its columns:
+    their scale and shift take 128 registers beside the accumulator's 128 when the epilogue is done whole
+    (the separable forward spilled 72 B under Triton 3.6), half that by halves. The split only relabels
+    registers: every thread holds columns of both halves."""
+    BLOCK_M: tl.constexpr = acc.shape[0]
+    HALF: tl.constexpr = acc.shape[1] // 2
+    lo, hi = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, HALF]), [0, 2, 1]))   # columns [0, HALF), [HALF, ..)
+    offs_h = n0 + tl.arange(0, HALF)
+    epilogue_store(lo, out_ptr, row_off, row_mask, ch, offs_h, CO, scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, RELU)
+    epilogue_store(hi, out_ptr, row_off, row_mask, ch, offs_h + HALF, CO, scale_ptr, shift_ptr, HAS_SCALE,
+                   HAS_SHIFT, RELU)
 
 
 @triton.jit
@@ -231,6 +262,13 @@ def live_tap_table(taps):
 @triton.jit
 def _add(a, b):
     return a + b
+
+
+@triton.jit
+def pick(values, offs, index):
+    """values[index] as a scalar, for a small 1-D register tensor `values` whose element j sits at offs == j:
+    a masked sum, so a loop can index a table it loaded once (no load in the loop)."""
+    return tl.reduce(tl.where(offs == index, values, 0), 0, _add)
 
 
 @triton.jit
