@@ -5,9 +5,13 @@ every op that its ONNX registry cannot translate, using `torch._decomp.decomposi
 register their plain-PyTorch composition there when resaspp_ops is imported (register_onnx_decompositions):
 one Conv per branch with the branch's dilation and padding (for the separable op a depthwise Conv with
 group = C, then the pointwise Conv), Concat, Mul/Add for the folded epilogue and mid stage, Relu:
-standard ONNX nodes, no custom domain, so ONNX Runtime and TensorRT run the graph as it is. Nothing else
-reads that table (torch.compile and ExportedProgram.run_decompositions() keep the op; tests/test_deploy.py
-checks both). The decomposition computes every tap (ONNX Conv pads with zeros), valid for any batch and
+standard ONNX nodes, no custom domain, so ONNX Runtime and TensorRT run the graph as it is.
+torch.compile and ExportedProgram.run_decompositions() keep the op (tests/test_deploy.py checks both), but
+FakeTensorMode reads that table too: with symbolic sizes (torch.compile(dynamic=True), dynamic export) it
+prefers a decomposition there to the op's fake kernel to derive the output's metadata. So each composition
+hands back what the op does, layout included (channels_last): with the reference's plain concatenation the
+traced metadata said NCHW where the op gives channels_last, and Inductor's stride check failed (issue 26).
+The decomposition computes every tap (ONNX Conv pads with zeros), valid for any batch and
 map size, so dynamic shapes export. ONNX export is for inference: the fused modules warn when exported in
 training mode (out of scope: batch statistics, nothing checked against ONNX Runtime).
 The exporter needs onnxscript (`pip install resaspp_ops[onnx]`).
@@ -39,15 +43,17 @@ def refuse_torchscript() -> None:
 def _multi_rate_conv2d_composition(x, w1x1, w3x3, rates, scale, shift, relu, backend):
     from resaspp_ops.ops import multi_rate_conv2d_reference
 
-    return multi_rate_conv2d_reference(x, w1x1, w3x3, tuple(rates), scale, shift, relu)
+    out = multi_rate_conv2d_reference(x, w1x1, w3x3, tuple(rates), scale, shift, relu)
+    return out.contiguous(memory_format=torch.channels_last)  # the op's layout (see the module docstring)
 
 
 def _multi_rate_separable_conv2d_composition(x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, scale, shift,
                                               relu, backend):
     from resaspp_ops.ops_separable import multi_rate_separable_conv2d_reference
 
-    return multi_rate_separable_conv2d_reference(x, w1x1, w_dw, w_pw, tuple(rates), mid_scale, mid_shift, mid_relu,
-                                                 scale, shift, relu)
+    out = multi_rate_separable_conv2d_reference(x, w1x1, w_dw, w_pw, tuple(rates), mid_scale, mid_shift, mid_relu,
+                                                scale, shift, relu)
+    return out.contiguous(memory_format=torch.channels_last)  # the op's layout (see the module docstring)
 
 
 def onnx_decompositions() -> dict:

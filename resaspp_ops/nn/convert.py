@@ -6,7 +6,9 @@
 
 The swap adopts the original submodules (no copies): parameters keep their identity, so an
 optimizer built before the swap still updates them, and weights, buffers, BatchNorm settings,
-train/eval state, device and dtype all carry over. Which modules match: nn/structure.py.
+train/eval state, device and dtype all carry over. Which modules match: nn/structure.py. A model that declares
+itself scriptable (segmentation_models_pytorch's `_is_torch_scriptable`) says it is not while it holds a fused
+module, and says what it said before once reverted (nn/scriptable_flag.py).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch import nn
 
 from resaspp_ops.nn import convert_separable
 from resaspp_ops.nn.fused_aspp import FusedASPP
+from resaspp_ops.nn.scriptable_flag import update_scriptable_flags
 from resaspp_ops.nn.separable_aspp import FusedSeparableASPP
 from resaspp_ops.nn.structure import aspp_rates
 
@@ -75,9 +78,11 @@ def convert_aspp(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     torchvision's ASPP and any module with its structure (see `aspp_rates`) become FusedASPP; smp's separable
     ASPP (smp.DeepLabV3Plus's default) and VainF/DeepLabV3Plus-Pytorch's ASPP with AtrousSeparableConvolution
     branches become FusedSeparableASPP (see `structure.separable_aspp_rates`). If `model` is itself an ASPP,
-    the new module is returned. Warns when nothing was converted.
+    the new module is returned. Warns when nothing was converted. A module that carries smp's
+    `_is_torch_scriptable` flag and now holds a fused module has it set to False (TorchScript refuses them).
     """
     model, count = _swap(model, lambda m: _fuse(m, backend), _matches)
+    update_scriptable_flags(model)
     if count == 0:
         warnings.warn("convert_aspp found no module with torchvision's ASPP structure or a separable ASPP "
                       "structure; nothing was converted", stacklevel=2)
@@ -87,7 +92,7 @@ def convert_aspp(model: nn.Module, *, backend: str = "auto") -> nn.Module:
 def revert_aspp(model: nn.Module) -> nn.Module:
     """Replace every FusedASPP in `model` by torchvision's ASPP and every FusedSeparableASPP by the module it was
     converted from (smp's or VainF's separable ASPP; smp's for one built directly), in place (the export path);
-    returns the model."""
+    returns the model. The `_is_torch_scriptable` flags that convert_aspp set get their earlier values back."""
     def make(fused: nn.Module) -> nn.Module:
         if isinstance(fused, FusedSeparableASPP):
             return convert_separable.separable_aspp_from_fused(fused)
@@ -98,4 +103,5 @@ def revert_aspp(model: nn.Module) -> nn.Module:
         return _adopt(aspp, fused)
 
     model, _ = _swap(model, make, lambda m: isinstance(m, (FusedASPP, FusedSeparableASPP)))
+    update_scriptable_flags(model)
     return model

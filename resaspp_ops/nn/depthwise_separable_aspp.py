@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from resaspp_ops import backend as _backend
 from resaspp_ops.export import TORCHSCRIPT_MESSAGE, refuse_torchscript
 from resaspp_ops.nn.conv_modules import ConvBNReLU, DepthwiseSeparableConvBNReLU
-from resaspp_ops.nn.inference_cache import InferenceCache, batchnorm_tensors, fold_into_conv, folds, has_hooks
+from resaspp_ops.nn.inference_cache import (InferenceCache, batchnorm_eps, batchnorm_tensors, fold_into_conv, folds,
+                                            has_hooks)
 from resaspp_ops.nn.module_access import children, memory_format_of
 from resaspp_ops.nn.pool_and_project import broadcast_pooled, check_pool_batch
 from resaspp_ops.nn.separable_branches import SeparableBranches, epilogue_folds, run_separable_branches
@@ -126,9 +127,9 @@ class FusedDepthwiseSeparableASPP(nn.Module):
         pool_conv, pool_bn = pool_layers[0], pool_layers[1]
         conv, bn = bottleneck[0], bottleneck[1]
         w_pool, b_pool, w_bottleneck, b_bottleneck = self._inference_cache.get(
-            f"head:{pool_bn.eps},{bn.eps}",
-            [pool_conv.weight, conv.weight] + batchnorm_tensors(pool_bn) + batchnorm_tensors(bn),
-            lambda: (*fold_into_conv(pool_conv.weight, pool_bn), *fold_into_conv(conv.weight, bn)))
+            "head", [pool_conv.weight, conv.weight] + batchnorm_tensors(pool_bn) + batchnorm_tensors(bn),
+            lambda: (*fold_into_conv(pool_conv.weight, pool_bn), *fold_into_conv(conv.weight, bn)),
+            batchnorm_eps([pool_bn, bn]))
         pooled = F.conv2d(F.adaptive_avg_pool2d(x, 1), w_pool, b_pool).relu_()  # [N, Co, 1, 1]
         cat = torch.cat([broadcast_pooled(pooled.to(y.dtype), x), y], dim=1)
         out = F.conv2d(cat, w_bottleneck, b_bottleneck, padding=conv.padding, dilation=conv.dilation).relu_()

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from resaspp_ops import backend as _backend
 from resaspp_ops.export import TORCHSCRIPT_MESSAGE, refuse_torchscript
-from resaspp_ops.nn.inference_cache import InferenceCache, batchnorm_tensors, cacheable, fold_batchnorm, folds, has_hooks
+from resaspp_ops.nn.inference_cache import (InferenceCache, batchnorm_eps, batchnorm_tensors, cacheable, fold_batchnorm,
+                                            folds, has_hooks)
 from resaspp_ops.nn.module_access import children as _children
 from resaspp_ops.nn.pool_and_project import (FoldedHead, check_pool_batch, fold_head, head_tensors, run_folded_head,
                                              run_head_modules)
@@ -173,13 +174,13 @@ class FusedASPP(nn.Module):
 
     def _cached_fold(self, name: str, bns: list) -> tuple[Tensor, Tensor]:
         """Per-channel scale and shift of these eval-mode BatchNorms, concatenated (differentiable where
-        needed, cached for inference; eps, a plain attribute, is part of the entry's name)."""
+        needed, cached for inference; their eps are the entry's settings)."""
         def fold() -> tuple[Tensor, Tensor]:
             scales, shifts = zip(*(fold_batchnorm(bn) for bn in bns))
             return torch.cat(scales), torch.cat(shifts)
 
         inputs = [t for bn in bns for t in batchnorm_tensors(bn)]
-        return self._inference_cache.get(name + ":" + ",".join(str(bn.eps) for bn in bns), inputs, fold)
+        return self._inference_cache.get(name, inputs, fold, batchnorm_eps(bns))
 
     def _inference_plan(self, x: Tensor, branches: list, project: list) -> "_InferencePlan":
         """Everything the folded forward needs that depends on weights and statistics only (cached)."""
@@ -197,8 +198,7 @@ class FusedASPP(nn.Module):
 
         folded = bns + [pool[2], project[1]]
         inputs = [w1x1] + weights + [t for bn in bns for t in batchnorm_tensors(bn)] + head_tensors(pool, project)
-        name = f"inference:{layout}:" + ",".join(str(bn.eps) for bn in folded)
-        return self._inference_cache.get(name, inputs, build)
+        return self._inference_cache.get("inference:" + layout, inputs, build, batchnorm_eps(folded))
 
 
 @dataclass(frozen=True)

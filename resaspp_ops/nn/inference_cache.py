@@ -27,36 +27,44 @@ class InferenceCache:
 
     An entry holds for the same tensor objects (weak references: .to() or .half() make new ones, even where
     the allocator hands back the old address), the same storage (`.data = ...` swaps it) and the same version
-    counters (in-place updates: load_state_dict, an optimizer step, running statistics). Plain attributes
-    that the value depends on (a BatchNorm's eps) belong in the name. It pickles and copies empty: weak
+    counters (in-place updates: load_state_dict, an optimizer step, running statistics), and the same
+    `settings`: the plain attributes the value depends on (each BatchNorm's eps), compared by value. They are
+    never formatted into the name: under torch.compile with dynamic shapes Dynamo makes float module attributes
+    symbolic, and formatting a symbolic float breaks the graph (issue 26). It pickles and copies empty: weak
     references do not pickle, and a copy's tensors are new objects anyway.
     """
 
     def __init__(self) -> None:
         self._entries: dict = {}
 
-    def get(self, name, inputs: Sequence[Tensor], build: Callable[[], object]):
-        """build(), computed once and reused while none of `inputs` changes; build() every call where the
-        inputs are not cacheable (then it is differentiable)."""
+    def get(self, name: str, inputs: Sequence[Tensor], build: Callable[[], object], settings: tuple = ()):
+        """build(), computed once and reused while none of `inputs` and `settings` changes; build() every
+        call where the inputs are not cacheable (then it is differentiable, and nothing is compared)."""
         if not cacheable(inputs):
             return build()
         key = [(t.data_ptr(), t._version) for t in inputs]
         entry = self._entries.get(name)
-        if entry is None or entry[1] != key or any(ref() is not t for ref, t in zip(entry[0], inputs)):
+        if (entry is None or entry[1] != key or entry[2] != settings
+                or any(ref() is not t for ref, t in zip(entry[0], inputs))):
             with torch.no_grad():
-                entry = ([weakref.ref(t) for t in inputs], key, build())
+                entry = ([weakref.ref(t) for t in inputs], key, settings, build())
             self._entries[name] = entry
-        return entry[2]
+        return entry[3]
 
     def peek(self, prefix: str):
         """The cached value of the first entry whose name starts with `prefix`, or None (tests, debugging)."""
-        return next((entry[2] for name, entry in self._entries.items() if name.startswith(prefix)), None)
+        return next((entry[3] for name, entry in self._entries.items() if name.startswith(prefix)), None)
 
     def __getstate__(self) -> dict:
         return {}
 
     def __setstate__(self, state: dict) -> None:
         self._entries = {}
+
+
+def batchnorm_eps(bns: Sequence[nn.Module]) -> tuple:
+    """The eps of each BatchNorm: the `settings` of a cache entry that folds them (InferenceCache)."""
+    return tuple(bn.eps for bn in bns)
 
 
 def batchnorm_tensors(bn: nn.modules.batchnorm._BatchNorm) -> list[Tensor]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from resaspp_ops.nn.inference_cache import InferenceCache, batchnorm_tensors, fold_batchnorm, folds
+from resaspp_ops.nn.inference_cache import InferenceCache, batchnorm_eps, batchnorm_tensors, fold_batchnorm, folds
 from resaspp_ops.ops_separable import depthwise_moments
 
 
@@ -96,7 +96,7 @@ def mid_affine(x: Tensor, w_dw: Tensor, rates, bns: list, cache: InferenceCache,
             return torch.cat(scales), torch.cat(shifts)
 
         inputs = [t for bn in bns for t in batchnorm_tensors(bn)]
-        return cache.get("mid:" + ",".join(str(bn.eps) for bn in bns), inputs, fold)
+        return cache.get("mid", inputs, fold, batchnorm_eps(bns))
     s, ss, counts = _batch_moments(x, w_dw, rates, bns, backend)
     c = x.shape[1]
     scales, shifts = [], []

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from resaspp_ops import backend as _backend
 from resaspp_ops.export import TORCHSCRIPT_MESSAGE, refuse_torchscript
-from resaspp_ops.nn.inference_cache import InferenceCache, folds, has_hooks
+from resaspp_ops.nn.inference_cache import InferenceCache, batchnorm_eps, folds, has_hooks
 from resaspp_ops.nn.module_access import children
 from resaspp_ops.nn.pool_and_project import check_pool_batch, fold_head, head_tensors, run_folded_head, run_head_modules
 from resaspp_ops.nn.separable_branches import SeparableBranches, epilogue_folds, run_separable_branches
@@ -123,9 +123,9 @@ class FusedSeparableASPP(nn.Module):
         if (epilogue_folds(separable) and folds(pool[2]) and folds(project[1]) and dropout_off
                 and not has_hooks(head_kept)):
             y, = run_separable_branches(x, separable, self._inference_cache, self.backend)
-            head = self._inference_cache.get(
-                f"head:{pool[2].eps},{project[1].eps}", head_tensors(pool, project),
-                lambda: fold_head(pool, project, y.shape[1]))
+            head = self._inference_cache.get("head", head_tensors(pool, project),
+                                             lambda: fold_head(pool, project, y.shape[1]),
+                                             batchnorm_eps([pool[2], project[1]]))
             return run_folded_head(x, y, head)
         parts = run_separable_branches(x, separable, self._inference_cache, self.backend)
         return run_head_modules(x, parts, branches[-1](x), project)

@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from resaspp_ops.nn.inference_cache import InferenceCache, batchnorm_tensors, fold_batchnorm, folds, has_hooks
+from resaspp_ops.nn.inference_cache import (InferenceCache, batchnorm_eps, batchnorm_tensors, fold_batchnorm, folds,
+                                            has_hooks)
 from resaspp_ops.nn.mid_batchnorm import mid_affine
 from resaspp_ops.ops_separable import multi_rate_separable_conv2d
 
@@ -63,7 +64,7 @@ def _folded_epilogue(bns: list, cache: InferenceCache) -> tuple[Tensor, Tensor]:
         return torch.cat(scales), torch.cat(shifts)
 
     inputs = [t for bn in bns for t in batchnorm_tensors(bn)]
-    return cache.get("epilogue:" + ",".join(str(bn.eps) for bn in bns), inputs, fold)
+    return cache.get("epilogue", inputs, fold, batchnorm_eps(bns))
 
 
 def epilogue_folds(branches: SeparableBranches) -> bool:
