@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kReduceThreads) mid_backward_kernel(
     const Acc d = depthwise_at(x, dw_b, g, n, h, w, c);
     const Acc m = d * s + t;
     const Acc da = to_acc<Acc>(buf[p * g.C + c]);
-    const Acc dm = relu && !(m > Acc(0)) ? Acc(0) : da;  // torch.where(m > 0, dA, 0)
+    const Acc dm = relu && m <= Acc(0) ? Acc(0) : da;  // torch.relu's backward: zero where m <= 0, NaN passes
     sum_scale += dm * d;
     sum_shift += dm;
     buf[p * g.C + c] = Cast<T>::from(ms != nullptr ? dm * s : dm);

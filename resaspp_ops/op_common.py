@@ -120,7 +120,7 @@ def epilogue_backward(grad_out: Tensor, out: Optional[Tensor], scale: Optional[T
     (called only for grad_scale). The grads of scale and shift are summed in the accumulation dtype."""
     grad = grad_out
     if out is not None:
-        grad = torch.where(out > 0, grad, 0)  # as torch.relu's backward: zero where out <= 0 or NaN
+        grad = torch.where(out <= 0, 0, grad)  # as torch.relu's backward: zero where out <= 0, NaN passes
     grad_scale = grad_shift = None
     if scale is not None or shift is not None:
         acc = accumulation_dtype(x_dtype)

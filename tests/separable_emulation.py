@@ -175,7 +175,7 @@ class EmulatedKernels:
         t = mt if mt is not None else np.zeros(c)
         m = d * s + t
         da = _np(buf)
-        dm = np.where(m > 0, da, 0.0) if (mid_relu and branch > 0) else da
+        dm = np.where(m <= 0, 0.0, da) if (mid_relu and branch > 0) else da
         chunks = cdiv(d.shape[0], CHUNK_PIXELS)
         ps = np.stack([(dm * d)[i * CHUNK_PIXELS:(i + 1) * CHUNK_PIXELS].sum(0) for i in range(chunks)]) \
             if chunks else np.zeros((0, c))

@@ -342,3 +342,22 @@ class TestBadInput:
             multi_rate_separable_conv2d(**dict(a, w_dw=a["w_dw"].double()))
         with pytest.raises(ValueError, match="mid_scale is on meta but x is on cpu"):
             multi_rate_separable_conv2d(**dict(a, mid_scale=a["mid_scale"].to("meta")))
+
+
+def test_registered_backward_passes_the_grad_where_the_mid_relu_sees_nan():
+    """torch.relu's backward zeroes the grad where its input is <= 0 and passes it where the input is NaN; the
+    reference backend's mid-stage backward (what the registered op runs) must do the same, so that a NaN in x
+    gives the grads autograd gives through the plain composition (float64, NaN in the same places)."""
+    from nonfinite import plant
+
+    problem = Problem(2, 24, 8, 9, 11, (1, 3))
+    args = make_separable_problem(problem, "mid", torch.float64, "cpu", seed=5, requires_grad=True)
+    args["x"] = plant(args["x"], ((0, 5, 4, 6, float("nan")),)).requires_grad_(True)
+    g = torch.randn((problem.n, 3 * problem.co, problem.h, problem.w), dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(6))
+    _, grads, fn = _grads(args, g, _PassThroughMode(), backend="reference")
+    assert "resaspp_ops" in fn
+    plain = detached_copy(args, requires_grad=True)
+    expected = torch.autograd.grad(multi_rate_separable_conv2d_reference(**plain), separable_leaves(plain), g)
+    for a, e in zip(grads, expected):
+        torch.testing.assert_close(a, e, equal_nan=True)

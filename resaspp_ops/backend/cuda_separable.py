@@ -22,7 +22,7 @@ temporary in x's dtype reused by every branch:
     A_b  = mid_b(depthwise_b(x)) cast          separable_activation (CUDA)      only for the weight grads
     grad Wpw_b = G_b^T A_b                     separable_pointwise_wgrad (mma) / torch.mm (simt)
     dA_b = G_b Wpw_b^T                         separable_pointwise_dgrad (mma) / torch.mm (simt), into the temporary
-    dM = dA (m > 0 under the mid ReLU), dD = dM s, per-chunk sums of dM D and dM   separable_mid_backward (CUDA)
+    dM = dA (0 where m <= 0 under the mid ReLU), dD = dM s, per-chunk sums of dM D and dM   separable_mid_backward (CUDA)
     grad_x += depthwise transpose of dD_b       separable_dgrad_stencil (CUDA, fp32 / fp64 accumulator)
     grad w_dw_b = per-chunk sum_p dD x[p + d]   separable_wgrad_dw (CUDA)
 

@@ -126,7 +126,7 @@ def backward(grad, x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, n
         g_a, g_pw, _ = torch.ops.aten.convolution_backward(
             grads[1 + i], a, w_pw[i], None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, need_w, False])
         if mid_relu:
-            g_a = torch.where(m > 0, g_a, 0)
+            g_a = torch.where(m <= 0, 0, g_a)  # as torch.relu's backward: the grad passes where m is NaN
         g_m = g_a.to(acc)
         if need_mid:
             if s is not None:
