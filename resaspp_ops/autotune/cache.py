@@ -69,16 +69,18 @@ def _read(path: Path) -> dict:
     return environments
 
 
-def _parse(entries: dict) -> dict[str, Decision]:
-    """{key text: Decision}; UnreadableCache for a malformed decision."""
+def _parse(entries: dict, strict: bool = True) -> dict[str, Decision]:
+    """{key text: Decision}; a malformed decision raises UnreadableCache (strict) or is left out."""
     decisions = {}
     for text, record in entries.items():
         try:
             decision = Decision.from_dict(record)
+            if decision.key.text() != text:
+                raise ValueError(f"filed under another key ({text!r})")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise UnreadableCache(f"a malformed decision ({type(exc).__name__}: {exc})") from None
-        if decision.key.text() != text:
-            raise UnreadableCache(f"a decision filed under another key ({text!r})")
+            if strict:
+                raise UnreadableCache(f"a malformed decision ({type(exc).__name__}: {exc})") from None
+            continue
         decisions[text] = decision.with_source(CACHE)
     return decisions
 
@@ -108,7 +110,9 @@ def write_merged(path: Path, decisions: dict[str, Decision]) -> None:
             environments = _read(path)
         except UnreadableCache:
             environments = {}  # already warned about when it was loaded; replaced now
-        mine = dict(environments.get(environment(), {}))
+        # This environment's valid decisions (a malformed one would make the file unreadable), then the new ones.
+        entries = environments.get(environment(), {})
+        mine = {text: entries[text] for text in _parse(entries, strict=False)}
         mine.update({text: d.as_dict() for text, d in decisions.items()})
         environments[environment()] = mine
         doc = {"format": FORMAT, "environments": environments}
