@@ -66,7 +66,7 @@ def recording():
     try:
         yield used
     finally:
-        _RECORDERS.remove(used)
+        del _RECORDERS[next(i for i, r in enumerate(_RECORDERS) if r is used)]  # by identity: lists compare equal
 
 
 def _used(decision: Decision) -> None:
