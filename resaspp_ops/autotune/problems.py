@@ -41,8 +41,8 @@ def _to(t: Optional[Tensor], dtype: torch.dtype, images: Optional[int] = None) -
 
 
 class _Problem:
-    """What both families share; a subclass sets family and the tensors, and defines _shape, _flags,
-    _forward, _backward, _images_macs and _cast."""
+    """What both families share; a subclass sets family and the tensors, and defines _shape, _flags, _options
+    (the signature's share of the flags), _forward, _backward, _image_macs and _cast."""
 
     family: str
     x: Tensor
@@ -73,10 +73,11 @@ class _Problem:
                           self._flags(direction) + self._common_flags())
 
     def signature(self) -> tuple:
-        """What every direction's key depends on, cheaper to build than the keys (the plan memo's key)."""
-        tf32 = precision.tf32_convolutions() if self.dtype == torch.float32 and self.device.type == "cuda" else None
-        return (self.family, self.device, self.dtype, tuple(self.x.shape), self.x.stride(), self._shape()[4],
-                self.rates, self._flags("forward"), self._flags("weight_grad"), tf32)
+        """What every direction's key depends on, cheaper to build than the keys (the plan memo's key, built
+        at every plain eager call)."""
+        x = self.x
+        tf32 = precision.tf32_convolutions() if x.dtype == torch.float32 and x.device.type == "cuda" else None
+        return (self.family, x.device, x.dtype, x.shape, x.stride(), self.rates, tf32) + self._options()
 
     def verified_images(self, direction: str) -> Optional[int]:
         """How many images the float64 check of this direction compares (None: all of them)."""
@@ -123,6 +124,9 @@ class MultiRateProblem(_Problem):
         _, c, h, w, co = self._shape()
         return h * w * co * c * (1 + 9 * len(self.rates))
 
+    def _options(self) -> tuple:
+        return self.w1x1.shape[0], self.scale is None, self.shift is None, self.relu
+
     def _flags(self, direction: str) -> tuple:
         if direction != "forward":
             return ()
@@ -167,6 +171,10 @@ class SeparableProblem(_Problem):
         _, c, h, w, co = self._shape()
         b = len(self.rates)
         return h * w * (9 * b * c + (1 + b) * co * c)
+
+    def _options(self) -> tuple:
+        return (self.w1x1.shape[0], self.mid_scale is None, self.mid_shift is None, self.mid_relu, self.scale is None,
+                self.shift is None, self.relu, self.need_w, self.need_mid)
 
     def _flags(self, direction: str) -> tuple:
         mid = (("mid_scale", self.mid_scale is not None), ("mid_shift", self.mid_shift is not None),
