@@ -90,10 +90,17 @@ def fast(family=backend_registry.MULTI_RATE, forward=True, backward=True):
                 None if r is None else r.clone() for r in results)
         return run
 
+    def counted(name, fn):
+        def run(*args):
+            calls[name] += 1
+            return fn(*args)
+        return run
+
     slowed = slow(family, 0.05)
     return SimpleNamespace(availability=_available, calls=calls,
-                           forward=memo("forward", ref.forward) if forward else slowed.forward,
-                           backward=memo("backward", ref.backward) if backward else slowed.backward)
+                           forward=memo("forward", ref.forward) if forward else counted("forward", slowed.forward),
+                           backward=memo("backward", ref.backward) if backward else counted("backward",
+                                                                                             slowed.backward))
 
 
 def plant(name: str, module, family=backend_registry.MULTI_RATE) -> None:

@@ -147,7 +147,8 @@ def test_timing_reads_the_clock():
 
 def test_forward_and_backward_are_chosen_apart(measure, monkeypatch):
     """A candidate fast forward but slow backward wins the forward only; the backward runs the reference."""
-    planted.plant("fwd_only", planted.fast(backward=False))
+    fast_forward = planted.fast(backward=False)
+    planted.plant("fwd_only", fast_forward)
     calls = {"n": 0}
 
     def time_candidates(runs, device, budget_s=None):  # fwd_only is fast in the forward only
@@ -167,6 +168,9 @@ def test_forward_and_backward_are_chosen_apart(measure, monkeypatch):
     assert planted.decision_for("weight_grad").chosen == "reference"
     assert autotune.plan(autotune.MultiRateProblem(x, w1, w3, P.rates), True, True) == \
         "fwd_only|reference|reference"
+    calls = dict(fast_forward.calls)
+    multi_rate_conv2d(x, w1, w3, P.rates).sum().backward()  # decided: no measuring, each direction its own
+    assert fast_forward.calls == {"forward": calls["forward"] + 1, "backward": calls["backward"]}
 
 
 def test_the_rule_keeps_pytorch_unless_a_kernel_is_a_few_percent_faster():
