@@ -12,8 +12,8 @@ The public function validates once (checks shared with multi_rate_conv2d: op_com
 resolves the backend for this family (backend.SEPARABLE: "auto" as multi_rate_conv2d's, measured per problem on
 CUDA tensors or the static order, the first available kernel backend of backend.auto_order on CUDA tensors and
 the reference elsewhere; naming a backend that does not implement the family raises NotImplementedError) and
-takes the same eager route as multi_rate_conv2d. `depthwise_moments` is the statistics pass a module with a BatchNorm between
-depthwise and pointwise runs in training (nn/mid_batchnorm.py).
+takes the same eager route as multi_rate_conv2d. `depthwise_moments` is the statistics pass a module with a
+BatchNorm between depthwise and pointwise runs in training (nn/mid_batchnorm.py); its "auto" is the static order.
 """
 from __future__ import annotations
 

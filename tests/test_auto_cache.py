@@ -13,7 +13,7 @@ import pytest
 from resaspp_ops import autotune
 from resaspp_ops.autotune import cache as C
 from resaspp_ops.autotune.decision import CACHE, MEASURED, Decision, Trial
-from resaspp_ops.autotune.key import ProblemKey, environment
+from resaspp_ops.autotune.key import ProblemKey, environment, kernels_fingerprint
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -150,3 +150,30 @@ def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):
     assert C.cache_dir() == Path.home() / ".cache" / "resaspp_ops"
     monkeypatch.setenv("RESASPP_CACHE_DIR", str(tmp_path / "mine"))
     assert C.cache_dir() == tmp_path / "mine"
+
+
+def test_the_environment_names_the_versions_and_the_kernels(tmp_path):
+    """An edited kernel (an editable install keeps its version) starts a new environment: no decision that
+    verified the old kernel vouches for the new one."""
+    import torch
+
+    assert environment().startswith("resaspp_ops ") and f"torch {torch.__version__}" in environment()
+    assert f"kernels {kernels_fingerprint()}" in environment()
+    (tmp_path / "backend" / "triton").mkdir(parents=True)
+    kernel = tmp_path / "backend" / "triton" / "forward_v2.py"
+    kernel.write_text("BLOCK = 64\n")
+    before = kernels_fingerprint(tmp_path)
+    kernel.write_text("BLOCK = 128\n")
+    assert kernels_fingerprint(tmp_path) != before
+    (tmp_path / "_C.so").write_bytes(b"x")
+    assert kernels_fingerprint(tmp_path) not in (before, kernels_fingerprint(tmp_path.parent))
+
+
+def test_the_file_keeps_the_most_recent_environments(cache_dir):
+    old = {f"env {i}": {f"k{i}": dict(_decision(i).as_dict(), measured_at=f"2026-01-{i + 10:02d}")}
+           for i in range(C.KEPT_ENVIRONMENTS + 2)}
+    (cache_dir / C.FILE_NAME).write_text(json.dumps({"format": C.FORMAT, "environments": old}))
+    C.write_merged(cache_dir / C.FILE_NAME, {_decision(0).key.text(): _decision(0)})
+    kept = json.loads((cache_dir / C.FILE_NAME).read_text())["environments"]
+    assert len(kept) == C.KEPT_ENVIRONMENTS and environment() in kept
+    assert not {"env 0", "env 1", "env 2"} & set(kept) and f"env {C.KEPT_ENVIRONMENTS + 1}" in kept

@@ -4,9 +4,10 @@ The file: $RESASPP_CACHE_DIR, else $XDG_CACHE_HOME/resaspp_ops, else ~/.cache/re
 
     {"format": FORMAT, "environments": {environment text: {key text: decision}}}
 
-The environment text names the package, torch, Triton and CUDA versions (key.environment()); each key names
-the GPU. A process reads the file once, at its first decision, and uses only its own environment's entries.
-A file that cannot be read or is not of this format is ignored with one warning (never an error): the process
+The environment text names the package, torch, Triton and CUDA versions and a fingerprint of the kernels
+(key.environment()); each key names the GPU. The file keeps the KEPT_ENVIRONMENTS most recent environments.
+A process reads the file once, at its first decision, and uses only its own environment's entries. A file
+that cannot be read or is not of this format is ignored with one warning (never an error): the process
 then measures, and its next write replaces the file.
 
 Writes are atomic and merge: under an exclusive lock on FILE_NAME + ".lock" (fcntl; without it, on platforms
@@ -30,6 +31,8 @@ from resaspp_ops.autotune.key import environment
 
 FILE_NAME = "auto-decisions-v1.json"
 FORMAT = "resaspp_ops backend=auto decisions"
+# Environments the file keeps (each upgrade, or kernel edit of an editable install, starts one): the most recent.
+KEPT_ENVIRONMENTS = 8
 
 
 def cache_dir() -> Path:
@@ -85,6 +88,15 @@ def _parse(entries: dict, strict: bool = True) -> dict[str, Decision]:
     return decisions
 
 
+def _newest(environments: dict, count: int) -> dict:
+    """The `count` environments whose latest decision is the most recent (ISO times sort as text)."""
+    def latest(entries: dict) -> str:
+        return max((str(d.get("measured_at", "")) for d in entries.values() if isinstance(d, dict)), default="")
+
+    kept = sorted(environments, key=lambda env: latest(environments[env]), reverse=True)[:count]
+    return {env: environments[env] for env in environments if env in kept}
+
+
 @contextlib.contextmanager
 def _locked(path: Path):
     """An exclusive lock on path + ".lock" where fcntl exists (see the module's docstring)."""
@@ -115,7 +127,7 @@ def write_merged(path: Path, decisions: dict[str, Decision]) -> None:
         mine = {text: entries[text] for text in _parse(entries, strict=False)}
         mine.update({text: d.as_dict() for text, d in decisions.items()})
         environments[environment()] = mine
-        doc = {"format": FORMAT, "environments": environments}
+        doc = {"format": FORMAT, "environments": _newest(environments, KEPT_ENVIRONMENTS)}
         fd, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -88,11 +88,31 @@ def _version_of(distribution: str) -> str:
         return "none"
 
 
+def kernels_fingerprint(package=None) -> str:
+    """A digest of the kernels as installed in `package` (default: this one): the backends' Python sources (the
+    Triton kernels, the host code) and the compiled extension's size and time. An editable install keeps its
+    version number while its kernels change; a decision, which vouches for a kernel's correctness, must not
+    outlive the kernel it verified."""
+    import hashlib
+    from pathlib import Path
+
+    package = Path(package) if package is not None else Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted((package / "backend").rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+    for path in sorted(package.glob("_C*")):
+        stat = path.stat()
+        digest.update(f"{path.name} {stat.st_size} {stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:12]
+
+
 @functools.lru_cache(maxsize=None)
 def environment() -> str:
-    """The software the decisions hold for: the package, torch, Triton and CUDA versions (the GPU is in each
-    key). A decision made under other versions is not used: a new kernel or a new cuDNN can change the answer."""
+    """The software the decisions hold for: the package, torch, Triton and CUDA versions and the kernels'
+    fingerprint (the GPU is in each key). A decision made under others is not used: a new kernel or a new cuDNN
+    can change the answer."""
     from resaspp_ops._version import __version__
 
     return (f"resaspp_ops {__version__}, torch {torch.__version__}, triton {_version_of('triton')}, "
-            f"CUDA {torch.version.cuda or 'none'}")
+            f"CUDA {torch.version.cuda or 'none'}, kernels {kernels_fingerprint()}")

@@ -80,7 +80,8 @@ def static_spec(problem) -> str:
 
 
 def _static(problem, key, why: str) -> Decision:
-    reason = f"not measured: {why}; the static order ({_backend.auto_choice(problem.device, problem.dtype, problem.family)[1]})"
+    order = _backend.auto_choice(problem.device, problem.dtype, problem.family)[1]
+    reason = f"not measured: {why}; the static order ({order})"
     return Decision(key, static_spec(problem), reason, STATIC)
 
 
