@@ -45,6 +45,7 @@ COUNTS = {"measurements": 0, "candidate_runs": 0, "timed_runs": 0}
 STORE = DecisionStore()
 _STATIC: dict[str, Decision] = {}  # the static-order choices of keys without a decision (for auto_choices)
 _PLANS: dict = {}  # plain eager calls' signatures -> their plan, while no decision changes
+_LOOKUPS: dict = {}  # (signature, direction) -> the decision other calls run, while no decision changes
 _RECORDERS: list[list] = []  # recording()'s lists
 
 
@@ -54,6 +55,7 @@ def reset() -> None:
         STORE.reset()
         _STATIC.clear()
         _PLANS.clear()
+        _LOOKUPS.clear()
         for name in COUNTS:
             COUNTS[name] = 0
 
@@ -147,10 +149,17 @@ def decide(problem, direction: str, grad: Optional[torch.Tensor] = None, *, eage
     this process's decision or the file's, else the static order."""
     if problem.empty():
         return static_spec(problem)  # nothing to measure or to run
+    if not eager:  # a compiled graph's call, every step: the answer is memoised until a decision changes
+        signature = (problem.signature(), direction)
+        known = _LOOKUPS.get(signature)
+        if known is None:
+            known = _LOOKUPS[signature] = _lookup_or_static(problem, direction)
+        _used(known)
+        return known.chosen
     key = problem.key(direction)
     text = key.text()
     with STORE.lock:
-        if eager and distributed.collective():
+        if distributed.collective():
             decision = STORE.lookup(text, disk=False)
             if decision is None:
                 decision = distributed.rank0_decides(lambda: _decide_here(problem, direction, grad, key, True))
@@ -158,7 +167,7 @@ def decide(problem, direction: str, grad: Optional[torch.Tensor] = None, *, eage
         else:
             decision = STORE.lookup(text)
             if decision is None:
-                decision = _decide_here(problem, direction, grad, key, eager)
+                decision = _decide_here(problem, direction, grad, key, True)
                 if decision.source == STATIC:
                     _STATIC[text] = decision
                 else:
@@ -167,10 +176,21 @@ def decide(problem, direction: str, grad: Optional[torch.Tensor] = None, *, eage
     return decision.chosen
 
 
+def _lookup_or_static(problem, direction: str) -> Decision:
+    """This process's decision or the file's for a key, else the static order (noted for auto_choices)."""
+    key = problem.key(direction)
+    with STORE.lock:
+        decision = _decide_here(problem, direction, None, key, False)
+        if decision.source == STATIC:
+            _STATIC[key.text()] = decision
+        return decision
+
+
 def _record(decision: Decision, persist: bool) -> None:
     STORE.record(decision, persist)
     _STATIC.pop(decision.key.text(), None)
     _PLANS.clear()
+    _LOOKUPS.clear()
 
 
 def _known(problem, direction: str) -> Optional[str]:
