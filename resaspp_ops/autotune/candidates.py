@@ -42,7 +42,7 @@ def _variants(name: str, problem) -> list[str]:
         from resaspp_ops.backend import cuda
 
         pinned = _pinned("RESASPP_CUDA_KERNEL")
-        _, c, _, _, co = problem._shape()
+        _, c, _, _, co = problem.sizes()
         wanted = []
         for kernel in variants:
             if pinned not in (None, kernel):

@@ -41,8 +41,8 @@ def _to(t: Optional[Tensor], dtype: torch.dtype, images: Optional[int] = None) -
 
 
 class _Problem:
-    """What both families share; a subclass sets family and the tensors, and defines _shape, _flags, _options
-    (the signature's share of the flags), _forward, _backward, _image_macs and _cast."""
+    """What both families share; a subclass sets family and the tensors, and defines sizes() (N, C, H, W, Co),
+    _flags, _options (the signature's share of the flags), _forward, _backward, _image_macs and _cast."""
 
     family: str
     x: Tensor
@@ -58,7 +58,7 @@ class _Problem:
 
     def empty(self) -> bool:
         """Nothing to compute (an empty batch or map): nothing to measure."""
-        return self.x.numel() == 0 or self._shape()[4] == 0
+        return self.x.numel() == 0 or self.sizes()[4] == 0
 
     def _common_flags(self) -> tuple:
         flags = (layout(self.x),)
@@ -67,7 +67,7 @@ class _Problem:
         return flags
 
     def key(self, direction: str) -> ProblemKey:
-        n, c, h, w, co = self._shape()
+        n, c, h, w, co = self.sizes()
         return ProblemKey(device_label(self.device), self.family, direction, str(self.dtype).replace("torch.", ""),
                           n, c, h, w, co, len(self.rates), tuple(self.rates),
                           self._flags(direction) + self._common_flags())
@@ -116,12 +116,12 @@ class MultiRateProblem(_Problem):
         self.x, self.w1x1, self.w3x3, self.rates = x, w1x1, w3x3, tuple(rates)
         self.scale, self.shift, self.relu = scale, shift, relu
 
-    def _shape(self):
+    def sizes(self):
         n, c, h, w = self.x.shape
         return n, c, h, w, self.w1x1.shape[0]
 
     def _image_macs(self) -> int:
-        _, c, h, w, co = self._shape()
+        _, c, h, w, co = self.sizes()
         return h * w * co * c * (1 + 9 * len(self.rates))
 
     def _options(self) -> tuple:
@@ -163,12 +163,12 @@ class SeparableProblem(_Problem):
         self.scale, self.shift, self.relu = scale, shift, relu
         self.need_w, self.need_mid = need_w, need_mid and (mid_scale is not None or mid_shift is not None)
 
-    def _shape(self):
+    def sizes(self):
         n, c, h, w = self.x.shape
         return n, c, h, w, self.w1x1.shape[0]
 
     def _image_macs(self) -> int:
-        _, c, h, w, co = self._shape()
+        _, c, h, w, co = self.sizes()
         b = len(self.rates)
         return h * w * (9 * b * c + (1 + b) * co * c)
 
