@@ -8,6 +8,7 @@
     convert_aspp        swap the fused modules into an existing model; revert_aspp swaps back
     resolution_aware_rate(s), fov_size   the atrous-rate guideline of Kim et al.
     backends()          which backends can run here, and why not
+    auto_choices()      what backend="auto" decided per problem, and why: every candidate's time and verdict
     export              ONNX export of the fused ops (registered at import); TorchScript refused with a way out
 
 Importing the package queries no GPU and loads no compiled code.
@@ -18,6 +19,7 @@ import torch
 
 from resaspp_ops import backend as _backend
 from resaspp_ops._version import __version__
+from resaspp_ops.autotune import auto_choices
 from resaspp_ops.nn import FusedASPP, FusedDepthwiseSeparableASPP, FusedSeparableASPP, convert_aspp, revert_aspp
 from resaspp_ops.ops import multi_rate_conv2d, multi_rate_conv2d_reference
 from resaspp_ops.ops_separable import multi_rate_separable_conv2d, multi_rate_separable_conv2d_reference
@@ -39,7 +41,7 @@ def backends(device: torch.device | str | None = None, dtype: torch.dtype = torc
 
 
 __all__ = [
-    "FusedASPP", "FusedDepthwiseSeparableASPP", "FusedSeparableASPP", "__version__", "backends", "convert_aspp",
-    "fov_size", "multi_rate_conv2d", "multi_rate_conv2d_reference", "multi_rate_separable_conv2d",
+    "FusedASPP", "FusedDepthwiseSeparableASPP", "FusedSeparableASPP", "__version__", "auto_choices", "backends",
+    "convert_aspp", "fov_size", "multi_rate_conv2d", "multi_rate_conv2d_reference", "multi_rate_separable_conv2d",
     "multi_rate_separable_conv2d_reference", "resolution_aware_rate", "resolution_aware_rates", "revert_aspp",
 ]

@@ -1,9 +1,10 @@
-"""The `resaspp` command: rates, info, bench, erf.
+"""The `resaspp` command: rates, info, bench, erf, tune.
 
     resaspp rates --input-size 769 --output-stride 8     the guideline's rates and the star's extent
-    resaspp info                                         versions, the build, the backends
+    resaspp info                                         versions, the build, the backends, auto's decisions
     resaspp bench ...                                    the benchmark suite (resaspp_ops.bench)
     resaspp erf ...                                      effective receptive field (resaspp_ops.erf)
+    resaspp tune ...                                     fill backend="auto"'s cache (resaspp_ops.autotune.tune)
 """
 from __future__ import annotations
 
@@ -83,8 +84,27 @@ def cmd_info(args) -> int:
         print(f"auto for a CUDA {short} tensor: {choice} ({why})")
     choice, why = B.auto_choice("cuda", torch.bfloat16, B.SEPARABLE)
     print(f"auto for a CUDA bf16 tensor, separable op: {choice} ({why})")
+    print_auto_decisions()
     print(f"ONNX export (torch.onnx.export(..., dynamo=True)): {onnx_export_status()}")
     return 0
+
+
+def print_auto_decisions() -> None:
+    """backend="auto"'s mode, its cache file and the decisions there for this environment (docs/auto.md)."""
+    from resaspp_ops.autotune import auto_choices
+    from resaspp_ops.autotune.cache import cache_path
+    from resaspp_ops.autotune.key import environment
+    from resaspp_ops.autotune.policy import describe_mode
+
+    print(f"backend='auto' measures: {describe_mode()}")
+    print(f"auto decisions file: {cache_path()}")
+    decisions = auto_choices()
+    if not decisions:
+        print(f"auto decisions for {environment()}: none yet (`resaspp tune` makes them ahead of time)")
+        return
+    print(f"auto decisions for {environment()} ({len(decisions)}):")
+    for decision in sorted(decisions, key=lambda d: d.key.text()):
+        print(f"  {decision.summary()}")
 
 
 def onnx_export_status() -> str:
@@ -99,7 +119,7 @@ def onnx_export_status() -> str:
 
 # Subcommands with parsers of their own: `main` hands them the rest of the command line untouched
 # (argparse.REMAINDER would refuse a first argument that starts with "--").
-DELEGATES = {"bench": "resaspp_ops.bench", "erf": "resaspp_ops.erf.cli"}
+DELEGATES = {"bench": "resaspp_ops.bench", "erf": "resaspp_ops.erf.cli", "tune": "resaspp_ops.autotune.tune"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
     sub.add_parser("bench", help="the benchmark suite (resaspp bench --help)")
     sub.add_parser("erf", help="effective receptive field of a model (resaspp erf --help)")
+    sub.add_parser("tune", help="measure backend='auto''s choices for a model ahead of time (resaspp tune --help)")
     return parser
 
 

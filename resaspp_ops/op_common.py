@@ -6,6 +6,7 @@
     autocast_to               x and the weights cast as nn.Conv2d's would be under torch.autocast
     plain_eager, needs_grad   when a public op may skip the custom-op layer (the eager route)
     epilogue_backward         the backward of the scale/shift/ReLU epilogue both families end with
+    resolve_part, differentiable_plan   what a part of a plan (backend/__init__.py's grammar) runs
 """
 from __future__ import annotations
 
@@ -132,3 +133,25 @@ def epilogue_backward(grad_out: Tensor, out: Optional[Tensor], scale: Optional[T
         if scale is not None:
             grad = (grad_acc * scale.to(acc).view(1, -1, 1, 1)).to(x_dtype)
     return grad, grad_scale, grad_shift
+
+
+def resolve_part(part: str, direction: str, problem: Callable[[], object], grad: Optional[Tensor] = None) -> str:
+    """The concrete spec that runs one direction of a call: the part itself, or for "auto" / "measure" what
+    backend="auto" decides (resaspp_ops.autotune.selection.decide) for problem() (called only then)."""
+    from resaspp_ops import backend
+
+    if part != backend.AUTO and part != backend.MEASURE:
+        return part
+    from resaspp_ops import autotune
+
+    return autotune.decide(problem(), direction, grad, eager=part == backend.MEASURE)
+
+
+def differentiable_plan(plan: str, family: str) -> bool:
+    """Whether every direction of the plan runs one backend made of differentiable PyTorch ops (the reference),
+    so that in plain eager mode PyTorch's autograd may differentiate its forward directly."""
+    from resaspp_ops import backend
+
+    if "|" in plan or ":" in plan or plan == backend.AUTO:
+        return False
+    return bool(getattr(backend.get(plan, family), "DIFFERENTIABLE", False))

@@ -6,11 +6,16 @@ and torch.library.opcheck all work:
     resaspp_ops::multi_rate_conv2d            forward, with the scale/shift/ReLU epilogue
     resaspp_ops::multi_rate_conv2d_backward   grads of x, w1x1, w3x3 from the pre-epilogue grad
 
-Each takes the name of a concrete backend ("reference", "cuda", "triton"); the public function
+Each takes a plan (backend/__init__.py's grammar): a concrete backend ("reference", "cuda", "triton", or with a
+kernel variant, "triton:v1"), a backend per direction (forward | input grad | weight grad), or "auto", decided
+where the op runs from backend="auto"'s decisions (resaspp_ops/autotune). The public function
 `multi_rate_conv2d` validates its inputs (once: the ops themselves do not), applies autocast and resolves
-backend="auto". In plain eager mode it calls the backend through an autograd.Function instead of the
-dispatcher, the same computation without the custom-op layer's host time (op_common.plain_eager says when).
-The checks, the eager route and the epilogue's backward are shared with the separable op (op_common.py).
+backend="auto": the static order (RESASPP_AUTO=static, and CPU tensors by default), or measured decisions, the
+forward's made now in plain eager mode and the backward's when it runs (forward and backward are chosen
+apart: the backward of one backend serves the forward of another). In plain eager mode it calls the backend
+through an autograd.Function instead of the dispatcher, the same computation without the custom-op layer's host
+time (op_common.plain_eager says when). The checks, the eager route and the epilogue's backward are shared with
+the separable op (op_common.py).
 """
 from __future__ import annotations
 
@@ -19,11 +24,13 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from resaspp_ops import autotune as _autotune
 from resaspp_ops import backend as _backend
+from resaspp_ops.autotune.problems import MultiRateProblem
 from resaspp_ops.export import refuse_torchscript
 from resaspp_ops.op_common import (accumulation_dtype, autocast_to, check_branch_count, check_per_channel,
-                                   check_rates, check_w1x1, check_weight_like_x, check_x, epilogue_backward,
-                                   needs_grad, plain_eager)
+                                   check_rates, check_w1x1, check_weight_like_x, check_x, differentiable_plan,
+                                   epilogue_backward, needs_grad, plain_eager, resolve_part)
 
 __all__ = ["accumulation_dtype", "check_inputs", "check_rates", "multi_rate_conv2d", "multi_rate_conv2d_reference"]
 
@@ -53,18 +60,40 @@ def _output_like(x: Tensor, channels) -> Tensor:
 def _forward(x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int], scale: Optional[Tensor],
              shift: Optional[Tensor], relu: bool, backend: str) -> Tensor:
     """The forward on inputs that multi_rate_conv2d has validated: the backend's, epilogue in the acc dtype."""
+    spec = resolve_part(_backend.plan_parts(backend)[0], "forward",
+                        lambda: MultiRateProblem(x, w1x1, w3x3, rates, scale, shift, relu))
     acc = accumulation_dtype(x.dtype)
     scale = None if scale is None else scale.to(acc)
     shift = None if shift is None else shift.to(acc)
-    return _backend.get(backend).forward(x, w1x1, w3x3, tuple(rates), scale, shift, relu)
+    module, variant = _backend.implementation(spec)
+    with variant:
+        return module.forward(x, w1x1, w3x3, tuple(rates), scale, shift, relu)
 
 
 def _backward_convs(grad: Tensor, x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int], need_x: bool,
                     need_w: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """grad_x, grad_w1x1, grad_w3x3 from the pre-epilogue grad, in fixed layouts whatever the backend (the
-    fake kernel promises them). An empty tensor stands for "not requested" (a custom op cannot return None)."""
-    grad_x, grad_w1x1, grad_w3x3 = _backend.get(backend).backward(
-        grad, x, w1x1, w3x3, tuple(rates), need_x, need_w)
+    fake kernel promises them); the input grad and the weight grads each by the plan's backend for them (one
+    call where that is the same). An empty tensor stands for "not requested" (a custom op cannot return None)."""
+    rates = tuple(rates)
+
+    def run(spec, want_x, want_w):
+        module, variant = _backend.implementation(spec)
+        with variant:
+            return module.backward(grad, x, w1x1, w3x3, rates, want_x, want_w)
+
+    def problem():
+        return MultiRateProblem(x, w1x1, w3x3, rates)
+
+    _, x_part, w_part = _backend.plan_parts(backend)
+    x_spec = resolve_part(x_part, "input_grad", problem, grad) if need_x else None
+    w_spec = resolve_part(w_part, "weight_grad", problem, grad) if need_w else None
+    grad_x = grad_w1x1 = grad_w3x3 = None
+    if x_spec is not None and w_spec is not None and x_spec != w_spec:
+        grad_x = run(x_spec, True, False)[0]
+        _, grad_w1x1, grad_w3x3 = run(w_spec, False, True)
+    elif need_x or need_w:
+        grad_x, grad_w1x1, grad_w3x3 = run(x_spec or w_spec, need_x, need_w)
     empty = x.new_empty(0)
     return (grad_x.contiguous(memory_format=torch.channels_last) if need_x else empty,
             grad_w1x1.contiguous() if need_w else empty.clone(), grad_w3x3.contiguous() if need_w else empty.clone())
@@ -142,15 +171,26 @@ class _EagerMultiRateConv2d(torch.autograd.Function):
         return _backward(ctx, grad_out)
 
 
-def _call(x, w1x1, w3x3, rates, scale, shift, relu, backend) -> Tensor:
-    """The op on validated inputs, by the cheapest route that keeps its meaning (see plain_eager)."""
-    if not plain_eager(x, w1x1, w3x3, scale, shift):
+def _call(x, w1x1, w3x3, rates, scale, shift, relu, backend, eager: bool) -> Tensor:
+    """The op on validated inputs, by the cheapest route that keeps its meaning; eager: plain_eager's verdict."""
+    if not eager:
         return torch.ops.resaspp_ops.multi_rate_conv2d(x, w1x1, w3x3, rates, scale, shift, relu, backend)
-    if needs_grad(x, w1x1, w3x3, scale, shift) and not getattr(_backend.get(backend), "DIFFERENTIABLE", False):
+    if needs_grad(x, w1x1, w3x3, scale, shift) and not differentiable_plan(backend, _backend.MULTI_RATE):
         return _EagerMultiRateConv2d.apply(x, w1x1, w3x3, rates, scale, shift, relu, backend)
-    # No grad needed, or a backend made of differentiable PyTorch ops (the reference): PyTorch's own autograd
-    # then records and differentiates them, which no hand-written backward undercuts.
+    # No grad needed, or a backend made of differentiable PyTorch ops (the reference) for every direction:
+    # PyTorch's own autograd then records and differentiates them, which no hand-written backward undercuts.
     return _forward(x, w1x1, w3x3, rates, scale, shift, relu, backend)
+
+
+def _plan(backend: str, eager: bool, x, w1x1, w3x3, rates, scale, shift, relu) -> str:
+    """The plan of a call (see the module's docstring): a named backend, or auto's static order, resolved now;
+    measured auto decided now in plain eager mode, else where the op runs ("auto")."""
+    if backend != "auto" or not _autotune.measured_auto(x.device):
+        return _backend.resolve(backend, x.device, x.dtype)
+    if not eager:
+        return _backend.AUTO
+    return _autotune.plan(MultiRateProblem(x, w1x1, w3x3, rates, scale, shift, relu),
+                          needs_grad(x), needs_grad(w1x1, w3x3))
 
 
 def multi_rate_conv2d(x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int], scale: Optional[Tensor] = None,
@@ -165,7 +205,8 @@ def multi_rate_conv2d(x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int
         scale, shift: optional [(1+B)*Co] per-channel epilogue (a folded BatchNorm), applied in fp32
             (fp64 for fp64 x) before the optional ReLU.
         relu: apply ReLU after the epilogue.
-        backend: "auto", "reference", "cuda" or "triton" (see resaspp_ops.backends()).
+        backend: "auto", "reference", "cuda" or "triton" (see resaspp_ops.backends()); "auto" measures and
+            verifies the candidates per problem on CUDA tensors (docs/auto.md, resaspp_ops.auto_choices()).
 
     Returns:
         [N, (1+B)*Co, H, W] in x's dtype, channels_last, channels ordered 1x1, rates[0], ..., rates[B-1].
@@ -178,8 +219,9 @@ def multi_rate_conv2d(x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     x, w1x1, w3x3 = autocast_to(x, w1x1, w3x3)
     check_inputs(x, w1x1, w3x3, rates, scale, shift)
-    name = _backend.resolve(backend, x.device, x.dtype)
-    return _call(x, w1x1, w3x3, rates, scale, shift, relu, name)
+    eager = plain_eager(x, w1x1, w3x3, scale, shift)
+    plan = _plan(backend, eager, x, w1x1, w3x3, rates, scale, shift, relu)
+    return _call(x, w1x1, w3x3, rates, scale, shift, relu, plan, eager)
 
 
 def multi_rate_conv2d_reference(x: Tensor, w1x1: Tensor, w3x3: Tensor, rates: Sequence[int],

@@ -9,10 +9,11 @@ branch is a plain 1x1 conv. Two custom ops, registered like multi_rate_conv2d's 
                                                         from the pre-epilogue grad
 
 The public function validates once (checks shared with multi_rate_conv2d: op_common.py), applies autocast,
-resolves the backend for this family (backend.SEPARABLE: "auto" takes the first available kernel backend of
-backend.auto_order on CUDA tensors, the reference elsewhere; naming a backend that does not implement the family
-raises NotImplementedError) and takes the same eager route as multi_rate_conv2d. `depthwise_moments` is the statistics pass a module with a BatchNorm between
-depthwise and pointwise runs in training (nn/mid_batchnorm.py).
+resolves the backend for this family (backend.SEPARABLE: "auto" as multi_rate_conv2d's, measured per problem on
+CUDA tensors or the static order, the first available kernel backend of backend.auto_order on CUDA tensors and
+the reference elsewhere; naming a backend that does not implement the family raises NotImplementedError) and
+takes the same eager route as multi_rate_conv2d. `depthwise_moments` is the statistics pass a module with a
+BatchNorm between depthwise and pointwise runs in training (nn/mid_batchnorm.py); its "auto" is the static order.
 """
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from resaspp_ops import autotune as _autotune
 from resaspp_ops import backend as _backend
+from resaspp_ops.autotune.problems import SeparableProblem
 from resaspp_ops.export import refuse_torchscript
 from resaspp_ops.op_common import (accumulation_dtype, autocast_to, check_branch_count, check_per_channel,
-                                   check_rates, check_w1x1, check_weight_like_x, check_x, epilogue_backward,
-                                   needs_grad, plain_eager)
+                                   check_rates, check_w1x1, check_weight_like_x, check_x, differentiable_plan,
+                                   epilogue_backward, needs_grad, plain_eager, resolve_part)
 
 __all__ = ["check_separable_inputs", "depthwise_moments", "multi_rate_separable_conv2d",
            "multi_rate_separable_conv2d_reference"]
@@ -65,19 +68,44 @@ def _acc(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 
 
 def _forward(x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, scale, shift, relu, backend) -> Tensor:
-    """The forward on validated inputs: the backend's, per-channel vectors in the accumulation dtype."""
+    """The forward on validated inputs: the plan's backend's, per-channel vectors in the accumulation dtype."""
+    def problem():
+        return SeparableProblem(x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, scale, shift, relu)
+
+    spec = resolve_part(_backend.plan_parts(backend)[0], "forward", problem)
     d = x.dtype
-    return _backend.get(backend, _FAMILY).forward(x, w1x1, w_dw, w_pw, tuple(rates), _acc(mid_scale, d),
-                                                  _acc(mid_shift, d), mid_relu, _acc(scale, d), _acc(shift, d), relu)
+    module, variant = _backend.implementation(spec, _FAMILY)
+    with variant:
+        return module.forward(x, w1x1, w_dw, w_pw, tuple(rates), _acc(mid_scale, d), _acc(mid_shift, d), mid_relu,
+                              _acc(scale, d), _acc(shift, d), relu)
 
 
 def _backward_convs(grad, x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, need_x, need_w, need_mid,
                     backend) -> tuple[Tensor, ...]:
-    """The six grads from the pre-epilogue grad, in the fixed layouts and dtypes the fake kernel promises; an
-    empty tensor stands for "not requested" (a custom op cannot return None)."""
-    grads = _backend.get(backend, _FAMILY).backward(grad, x, w1x1, w_dw, w_pw, tuple(rates), _acc(mid_scale, x.dtype),
-                                                    _acc(mid_shift, x.dtype), mid_relu, need_x, need_w, need_mid)
-    gx, g1, gdw, gpw, gms, gmt = grads
+    """The six grads from the pre-epilogue grad, in the fixed layouts and dtypes the fake kernel promises; the
+    input grad and the weight (and mid stage) grads each by the plan's backend for them (one call where that is
+    the same). An empty tensor stands for "not requested" (a custom op cannot return None)."""
+    rates = tuple(rates)
+
+    def run(spec, want_x, want_w, want_mid):
+        module, variant = _backend.implementation(spec, _FAMILY)
+        with variant:
+            return module.backward(grad, x, w1x1, w_dw, w_pw, rates, _acc(mid_scale, x.dtype),
+                                   _acc(mid_shift, x.dtype), mid_relu, want_x, want_w, want_mid)
+
+    def problem():
+        return SeparableProblem(x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, need_w=need_w,
+                                need_mid=need_mid)
+
+    _, x_part, w_part = _backend.plan_parts(backend)
+    x_spec = resolve_part(x_part, "input_grad", problem, grad) if need_x else None
+    w_spec = resolve_part(w_part, "weight_grad", problem, grad) if need_w or need_mid else None
+    gx = g1 = gdw = gpw = gms = gmt = None
+    if x_spec is not None and w_spec is not None and x_spec != w_spec:
+        gx = run(x_spec, True, False, False)[0]
+        _, g1, gdw, gpw, gms, gmt = run(w_spec, False, need_w, need_mid)
+    elif x_spec is not None or w_spec is not None:
+        gx, g1, gdw, gpw, gms, gmt = run(x_spec or w_spec, need_x, need_w, need_mid)
     return (gx.contiguous(memory_format=torch.channels_last) if need_x else x.new_empty(0),
             g1.contiguous() if need_w else x.new_empty(0), gdw.contiguous() if need_w else x.new_empty(0),
             gpw.contiguous() if need_w else x.new_empty(0),
@@ -172,16 +200,32 @@ class _EagerSeparable(torch.autograd.Function):
         return _backward(ctx, grad_out)
 
 
-def _call(x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, scale, shift, relu, backend) -> Tensor:
-    """The op on validated inputs, by the cheapest route that keeps its meaning (op_common.plain_eager)."""
+def _call(x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, scale, shift, relu, backend,
+          eager: bool) -> Tensor:
+    """The op on validated inputs, by the cheapest route that keeps its meaning; eager: op_common.plain_eager's
+    verdict."""
     args = (x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, scale, shift, relu, backend)
-    tensors = (x, w1x1, w_dw, w_pw, mid_scale, mid_shift, scale, shift)
-    if not plain_eager(*tensors):
+    if not eager:
         return torch.ops.resaspp_ops.multi_rate_separable_conv2d(*args)
-    if needs_grad(*tensors) and not getattr(_backend.get(backend, _FAMILY), "DIFFERENTIABLE", False):
+    if needs_grad(x, w1x1, w_dw, w_pw, mid_scale, mid_shift, scale, shift) \
+            and not differentiable_plan(backend, _FAMILY):
         return _EagerSeparable.apply(*args)
-    # No grad needed, or the reference (differentiable PyTorch ops): PyTorch's autograd differentiates them.
+    # No grad needed, or the reference (differentiable PyTorch ops) for every direction: PyTorch's autograd
+    # differentiates them.
     return _forward(*args)
+
+
+def _plan(backend: str, eager: bool, x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, scale, shift,
+          relu) -> str:
+    """The plan of a call, as ops._plan's: named and static now, measured now in plain eager mode, else "auto"."""
+    if backend != "auto" or not _autotune.measured_auto(x.device):
+        return _backend.resolve(backend, x.device, x.dtype, _FAMILY)
+    if not eager:
+        return _backend.AUTO
+    need_w, need_mid = needs_grad(w1x1, w_dw, w_pw), needs_grad(mid_scale, mid_shift)
+    problem = SeparableProblem(x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, scale, shift, relu,
+                               need_w=need_w, need_mid=need_mid)
+    return _autotune.plan(problem, needs_grad(x), need_w or need_mid)
 
 
 def multi_rate_separable_conv2d(x: Tensor, w1x1: Tensor, w_dw: Tensor, w_pw: Tensor, rates: Sequence[int],
@@ -217,8 +261,9 @@ def multi_rate_separable_conv2d(x: Tensor, w1x1: Tensor, w_dw: Tensor, w_pw: Ten
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     x, w1x1, w_dw, w_pw = autocast_to(x, w1x1, w_dw, w_pw)
     check_separable_inputs(x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, scale, shift)
-    name = _backend.resolve(backend, x.device, x.dtype, _FAMILY)
-    return _call(x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, scale, shift, relu, name)
+    eager = plain_eager(x, w1x1, w_dw, w_pw, mid_scale, mid_shift, scale, shift)
+    plan = _plan(backend, eager, x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, scale, shift, relu)
+    return _call(x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, scale, shift, relu, plan, eager)
 
 
 def depthwise_moments(x: Tensor, w_dw: Tensor, rates: Sequence[int], *, backend: str = "auto"

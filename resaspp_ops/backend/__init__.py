@@ -20,12 +20,24 @@ Every multi_rate_conv2d backend is a module with the same three functions (the c
 Inputs reach a backend already validated by resaspp_ops.ops (shapes, dtypes, devices, rates). A backend
 whose forward is made of differentiable PyTorch ops says so with DIFFERENTIABLE = True: in plain eager mode
 PyTorch's autograd then differentiates it directly, and backward() serves the registered op.
+
+What runs a call is a plan (the ops' `backend` argument, resolved by the public functions):
+
+    plan := spec | spec "|" part "|" part | "auto"        forward | input grad | weight grad
+    spec := NAME | NAME ":" VARIANT                        "reference", "triton:v1", "cuda:mma" (VARIANTS)
+    part := spec | "auto" | "measure"
+
+A spec alone runs every direction; "auto" (a whole plan or a part) is decided when that direction runs, from
+backend="auto"'s decisions (resaspp_ops/autotune), else the static order below, never measured; "measure"
+(plain eager mode only) measures there if nothing is decided. A spec's variant is selected around the one
+backend call (implementation), in the calling thread only.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
-from typing import NamedTuple
+from typing import ContextManager, NamedTuple
 
 import torch
 
@@ -47,6 +59,21 @@ FAMILIES = {
 }
 
 
+# The kernel variants of a backend that backend="auto" measures apart (the backend's own switch picks one
+# otherwise): Triton's two designs (RESASPP_TRITON_KERNEL), the CUDA kernel families (RESASPP_CUDA_KERNEL).
+VARIANTS = {
+    ("triton", MULTI_RATE): ("v2", "v1"),
+    ("cuda", MULTI_RATE): ("sm90", "mma", "simt"),
+    ("cuda", SEPARABLE): ("mma", "simt"),
+}
+# Backends added at run time under a name of their own (the test hook of backend="auto": tests plant a wrong,
+# a slow or a raising candidate here, never in a real backend): (name, family) -> module with the contract.
+_EXTRA: dict = {}
+
+AUTO = "auto"
+MEASURE = "measure"
+
+
 class BackendStatus(NamedTuple):
     available: bool
     reason: str
@@ -65,17 +92,78 @@ def not_implemented_reason(name: str, family: str) -> str:
             f"{', '.join(n for n in NAMES if implements(n, family))}")
 
 
+def add_extra(name: str, module, family: str = MULTI_RATE) -> None:
+    """Makes `module` (a backend with the contract above) a backend named `name` for the family, and so a
+    candidate of backend="auto" (see autotune/candidates.py). A test hook: remove it with remove_extra."""
+    if name in NAMES or name in (AUTO, MEASURE) or ":" in name or "|" in name:
+        raise ValueError(f"{name!r} cannot name an extra backend")
+    _EXTRA[(name, family)] = module
+
+
+def remove_extra(name: str, family: str = MULTI_RATE) -> None:
+    _EXTRA.pop((name, family), None)
+
+
+def extras(family: str = MULTI_RATE) -> tuple[str, ...]:
+    """The names of the extra backends of the family (add_extra), in the order they were added."""
+    return tuple(n for n, f in _EXTRA if f == family)
+
+
 def get(name: str, family: str = MULTI_RATE):
-    """The module of backend `name` (one of NAMES) for the op family, imported on first use; NotImplementedError
-    where the backend does not implement the family."""
+    """The module of backend `name` (one of NAMES, or an extra) for the op family, imported on first use;
+    NotImplementedError where the backend does not implement the family."""
     module = _MODULES.get((name, family))
     if module is None:
+        if (name, family) in _EXTRA:
+            return _EXTRA[(name, family)]
         if name not in NAMES:
             raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)} or 'auto'")
         if not implements(name, family):
             raise NotImplementedError(not_implemented_reason(name, family))
         module = _MODULES[(name, family)] = importlib.import_module(f"{__name__}.{FAMILIES[family][name]}")
     return module
+
+
+def plan_parts(plan: str) -> tuple[str, str, str]:
+    """(forward, input grad, weight grad) parts of a plan (see the module's docstring)."""
+    if "|" not in plan:
+        return plan, plan, plan
+    parts = plan.split("|")
+    if len(parts) != 3:
+        raise ValueError(f"a plan has one part or three (forward|input grad|weight grad), got {plan!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def join_plan(forward: str, input_grad: str, weight_grad: str) -> str:
+    """The plan of three parts, written as one spec when they are the same."""
+    if forward == input_grad == weight_grad:
+        return forward
+    return f"{forward}|{input_grad}|{weight_grad}"
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """(backend name, variant or None) of a spec such as "triton:v1"."""
+    name, _, variant = spec.partition(":")
+    return name, (variant or None)
+
+
+def use_variant(name: str, variant: str | None, family: str = MULTI_RATE) -> ContextManager:
+    """A context in which this thread's calls of backend `name` run its kernel variant `variant` (VARIANTS);
+    a null context for None."""
+    if variant is None:
+        return contextlib.nullcontext()
+    if variant not in VARIANTS.get((name, family), ()):
+        raise ValueError(f"backend {name!r} has no variant {variant!r} for {family}; its variants: "
+                         f"{', '.join(VARIANTS.get((name, family), ())) or 'none'}")
+    if name == "triton":
+        return get("triton", MULTI_RATE).thread_kernel_version(variant)
+    return get("cuda", MULTI_RATE).use_kernel(variant)
+
+
+def implementation(spec: str, family: str = MULTI_RATE):
+    """(backend module, the context that selects the spec's variant) of a concrete spec."""
+    name, variant = split_spec(spec)
+    return get(name, family), use_variant(name, variant, family)
 
 
 def status(name: str, device: torch.device | str, dtype: torch.dtype = torch.float32,

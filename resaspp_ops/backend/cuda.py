@@ -10,12 +10,16 @@ Three kernel families; which one runs is decided here at every call (kernel_choi
     simt  exact fp32 / fp64 FMAs (csrc/multi_rate_conv2d_simt.cu): everything else
 
 RESASPP_CUDA_KERNEL (read at every call) picks: "auto" (default), "sm90", "mma" or "simt"; a named family
-that cannot run the call raises with the reason, never a silent stand-in. "auto" takes sm90 only for an
+that cannot run the call raises with the reason, never a silent stand-in. `use_kernel(name)` picks one, ahead
+of the variable, for the calls a thread makes inside a block (autograd's backward threads do not see it):
+backend="auto" measures each family that way (resaspp_ops/autotune). "auto" takes sm90 only for an
 (arch, dtype) that a committed GPU run has validated (SM90_VALIDATED, empty until one has), then mma,
 then simt.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 
@@ -131,12 +135,46 @@ def _why_not(kernel: str, capability, dtype: torch.dtype, c: int, co: int) -> st
     return shape
 
 
-def kernel_choice(device: torch.device, dtype: torch.dtype, c: int, co: int) -> tuple[str, str]:
-    """(kernel family, why) for tensors of this device, dtype and channel counts; RuntimeError where
-    RESASPP_CUDA_KERNEL names a family that cannot run them."""
+# use_kernel's choice: a context variable, so that a block's choice stays in the thread (or task) that set it.
+_KERNEL_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("resaspp_cuda_kernel", default=None)
+
+
+@contextlib.contextmanager
+def use_kernel(kernel: str):
+    """Run this thread's calls of the CUDA backends (both op families) inside the block on kernel family `kernel`
+    ("sm90", "mma", "simt" or "auto"), whatever RESASPP_CUDA_KERNEL says; a family that cannot run a call raises,
+    as the variable's would."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown CUDA kernel family {kernel!r}; choose one of {', '.join(KERNELS)}")
+    token = _KERNEL_OVERRIDE.set(kernel)
+    try:
+        yield
+    finally:
+        _KERNEL_OVERRIDE.reset(token)
+
+
+def requested_kernel() -> str:
+    """The kernel family asked for: use_kernel's, else RESASPP_CUDA_KERNEL, else "auto"; RuntimeError for an
+    unknown name in the variable."""
+    kernel = _KERNEL_OVERRIDE.get()
+    if kernel is not None:
+        return kernel
     env = os.environ.get("RESASPP_CUDA_KERNEL", "").strip() or "auto"
     if env not in KERNELS:
         raise RuntimeError(f"RESASPP_CUDA_KERNEL must be one of {', '.join(KERNELS)}, got {env!r}")
+    return env
+
+
+def kernel_unavailable_reason(kernel: str, device: torch.device, dtype: torch.dtype, c: int, co: int) -> str | None:
+    """Why kernel family `kernel` cannot run tensors of this device, dtype and channel counts, or None."""
+    return _why_not(kernel, _capability(device.index if device.index is not None else torch.cuda.current_device()),
+                    dtype, c, co)
+
+
+def kernel_choice(device: torch.device, dtype: torch.dtype, c: int, co: int) -> tuple[str, str]:
+    """(kernel family, why) for tensors of this device, dtype and channel counts; RuntimeError where
+    use_kernel or RESASPP_CUDA_KERNEL names a family that cannot run them."""
+    env = requested_kernel()
     capability = _capability(device.index if device.index is not None else torch.cuda.current_device())
     if env != "auto":
         why = _why_not(env, capability, dtype, c, co)

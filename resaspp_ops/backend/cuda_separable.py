@@ -12,9 +12,9 @@ global memory; then the epilogue into the concatenated channels_last output. Two
           allows TF32 (torch.backends.cudnn.allow_tf32); C and Co multiples of 8; 128 x 128 CTAs
     simt  FMAs in the accumulation dtype (fp32, fp64 for fp64): any shape, exact fp32 when TF32 is off
 
-RESASPP_CUDA_KERNEL (read at every call, shared with the multi_rate_conv2d backend) picks "auto" (mma where
-it can run, else simt), "mma" or "simt"; "sm90" raises (no sm_90a separable kernels yet), and so does a
-named family that cannot run the call, with the reason: never a silent stand-in.
+RESASPP_CUDA_KERNEL (read at every call, shared with the multi_rate_conv2d backend, as is cuda.use_kernel)
+picks "auto" (mma where it can run, else simt), "mma" or "simt"; "sm90" raises (no sm_90a separable kernels
+yet), and so does a named family that cannot run the call, with the reason: never a silent stand-in.
 
 Backward (recompute: the forward stores no depthwise output), branch by branch with one [N H W, C]
 temporary in x's dtype reused by every branch:
@@ -39,7 +39,6 @@ host logic with NumPy emulations of the kernels on the CPU.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -64,10 +63,8 @@ def availability(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
 
 def kernel_choice(device: torch.device, dtype: torch.dtype, c: int, co: int) -> tuple[str, str]:
     """(kernel family, why) for tensors of this device, dtype and channel counts; RuntimeError where
-    RESASPP_CUDA_KERNEL names a family that cannot run them."""
-    env = os.environ.get("RESASPP_CUDA_KERNEL", "").strip() or "auto"
-    if env not in _cuda.KERNELS:
-        raise RuntimeError(f"RESASPP_CUDA_KERNEL must be one of {', '.join(_cuda.KERNELS)}, got {env!r}")
+    cuda.use_kernel or RESASPP_CUDA_KERNEL names a family that cannot run them."""
+    env = _cuda.requested_kernel()  # use_kernel's choice, else RESASPP_CUDA_KERNEL
     if env == "sm90":
         raise RuntimeError("RESASPP_CUDA_KERNEL=sm90 cannot run multi_rate_separable_conv2d: it has no sm_90a "
                            "kernels (mma or simt)")

@@ -1,4 +1,5 @@
-"""DESIGN.md section 5's error rule, applied to a provider's output and input grad before it is timed.
+"""DESIGN.md section 5's error rule (defined once in resaspp_ops/error_rule.py, which backend="auto"'s
+verification shares), applied to a provider's output and input grad before it is timed.
 
 A result passes when, for the output and (fwd+bwd) the input grad,
 
@@ -53,19 +54,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from resaspp_ops.bench.workloads import Result
-
-# Relative floors (times max|float64|): well below one unit in the last place of each dtype, so the
-# rule is decided by the 2x-PyTorch term whenever PyTorch itself rounds.
-FLOORS = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
-
-
-def max_abs_error(a: Tensor, b: Tensor) -> float:
-    if a.numel() == 0:
-        return 0.0
-    return float((a.to(torch.float64) - b.to(torch.float64)).abs().max())
+from resaspp_ops.error_rule import FLOORS, judge, line_errors, max_abs_error  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -82,40 +73,6 @@ class Verdict:
     detail: str
 
 
-def line_errors(actual: Tensor, ref64: Tensor) -> Tensor:
-    """The relative mean error of every spatial row and column of [N, C, H, W]: mean|actual - ref64| over
-    (N, C, W) for each row, over (N, C, H) for each column, over mean|ref64| there; [H + W].
-
-    Rows and columns whose mean|ref64| is under a tenth of the whole tensor's (say, zeroed by a ReLU) are
-    measured against that tenth, so that near-empty lines do not divide by nothing."""
-    err = (actual.to(torch.float64) - ref64.to(torch.float64)).abs()
-    ref = ref64.to(torch.float64).abs()
-    least = 0.1 * max(float(ref.mean()), 1e-300)
-    return torch.cat([err.mean(dim=dims) / ref.mean(dim=dims).clamp_min(least) for dims in ((0, 1, 3), (0, 1, 2))])
-
-
-def _judge(name: str, actual: Tensor, ref64: Tensor, yardsticks: list[tuple[Tensor, Tensor]],
-           floor: float) -> tuple[bool, str]:
-    """(passes, detail) of one tensor against its float64, yardsticks: (result, its float64) pairs."""
-    if tuple(actual.shape) != tuple(ref64.shape):
-        return False, f"{name} shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
-    if not torch.isfinite(actual).all():
-        return False, f"{name} has NaN or Inf"
-    err = max_abs_error(actual, ref64)
-    pytorch_err = max(max_abs_error(y, r) for y, r in yardsticks)
-    bound = 2 * pytorch_err + floor * max(float(ref64.abs().max()) if ref64.numel() else 0.0, 1e-30)
-    ok, detail = err <= bound, f"{name} err {err:.2e} (bound {bound:.2e})"
-    if actual.dim() == 4 and actual.numel():
-        lines = line_errors(actual, ref64)
-        line_bound = 2 * max(float(line_errors(y, r).max()) for y, r in yardsticks) + floor
-        worst = int(lines.argmax())
-        h = actual.shape[2]
-        where = f"row {worst}" if worst < h else f"column {worst - h}"
-        ok = ok and float(lines[worst]) <= line_bound
-        detail += f", worst line {where} {float(lines[worst]):.2e} (bound {line_bound:.2e})"
-    return ok, detail
-
-
 def flipped_units(run: Judged, float64_masks: dict | None) -> int:
     """How many ReLU units the run put on the other side of the kink from float64 (for the report)."""
     if run.result.relu_masks is None or not float64_masks:
@@ -128,15 +85,15 @@ def check(run: Judged, yardstick: Judged, dtype: torch.dtype, compiled_yardstick
     docstring)."""
     floor = FLOORS[dtype]
     yardsticks = [yardstick] + ([compiled_yardstick] if compiled_yardstick is not None else [])
-    ok, detail = _judge("out", run.result.out, run.reference.out,
-                              [(y.result.out, y.reference.out) for y in yardsticks], floor)
+    ok, detail = judge("out", run.result.out, run.reference.out,
+                       [(y.result.out, y.reference.out) for y in yardsticks], floor)
     details = [detail]
     if run.reference.grad_x is not None:
         if run.result.grad_x is None:
             return Verdict(False, "no input grad")
-        ok_grad, detail = _judge("grad_x", run.result.grad_x, run.reference.grad_x,
-                                       [(y.result.grad_x, y.reference.grad_x) for y in yardsticks
-                                        if y.result.grad_x is not None], floor)
+        ok_grad, detail = judge("grad_x", run.result.grad_x, run.reference.grad_x,
+                                [(y.result.grad_x, y.reference.grad_x) for y in yardsticks
+                                 if y.result.grad_x is not None], floor)
         ok = ok and ok_grad
         details.append(detail)
     return Verdict(ok, "; ".join(details))

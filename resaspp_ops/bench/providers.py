@@ -4,7 +4,8 @@ Level "module" (the whole ASPP):
     torchvision-eager      torchvision's ASPP, NCHW input and weights
     torchvision-eager-cl   the same in channels_last
     torchvision-compile    torch.compile(mode="max-autotune", or --compile-mode) of the channels_last module
-    fused-triton / fused-cuda / fused-auto   FusedASPP(backend=...), channels_last input
+    fused-triton / fused-cuda / fused-auto   FusedASPP(backend=...), channels_last input (fused-auto: the measured
+                           choice on CUDA, what a user gets; its row's auto_choice records the decisions)
     fused-triton-v1        FusedASPP(backend="triton") on the Triton kernels' first design (RESASPP_TRITON_KERNEL=v1)
     fused-auto-compile     torch.compile (the baseline's mode) of FusedASPP(backend="auto"): what a user who
                            compiles the model gets (the op stays one kernel; Inductor fuses what is around it)
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resaspp_ops import backend as _backend
+from resaspp_ops.autotune.policy import measured_auto
 from resaspp_ops.bench import separable
 from resaspp_ops.bench.relu_masks import ReluMaskRecorder
 from resaspp_ops.nn import FusedASPP
@@ -101,8 +103,28 @@ def skip_reason(provider: str, device: torch.device, dtype: torch.dtype, explici
 
 
 def auto_note(device: torch.device, dtype: torch.dtype, family: str = "aspp") -> str:
-    """Which concrete backend fused-auto runs, for the report."""
-    return f"auto -> {_backend.resolve('auto', device, dtype, OP_FAMILY[family])}"
+    """Which concrete backend fused-auto runs, for the report, as far as it is known before a call: the static
+    order's backend, or that it is measured per problem (the suite then names the measured choice:
+    auto_choice_note)."""
+    if measured_auto(device):
+        return "auto: measured per problem"
+    return f"auto -> {_backend.resolve('auto', device, dtype, OP_FAMILY[family])} (static order)"
+
+
+def auto_choice_note(decisions: list) -> str:
+    """What the fused op ran in each direction, from the decisions a fused-auto run used (autotune.recording):
+    "auto -> reference", or per direction where they differ, e.g. "auto -> forward triton:v2, input_grad
+    reference, weight_grad cuda:mma"; several problems (the module's calls) are separated by " / "."""
+    by_problem: dict = {}
+    for d in decisions:
+        problem = (d.key.family, d.key.n, d.key.c, d.key.h, d.key.w, d.key.co, d.key.rates)
+        by_problem.setdefault(problem, {})[d.key.direction] = d.chosen
+    parts = []
+    for chosen in by_problem.values():
+        specs = set(chosen.values())
+        parts.append(specs.pop() if len(specs) == 1 else
+                     ", ".join(f"{direction} {spec}" for direction, spec in chosen.items()))
+    return "auto -> " + " / ".join(parts)
 
 
 class BranchConvs(nn.Module):

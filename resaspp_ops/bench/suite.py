@@ -10,13 +10,14 @@ from typing import Callable, Optional
 
 import torch
 
+from resaspp_ops import autotune
 from resaspp_ops.bench import options as _options
 from resaspp_ops.bench.ceiling import bf16_matmul_tflops
 from resaspp_ops.bench.correctness import Judged, check, flipped_units
 from resaspp_ops.bench.environment import metadata
 from resaspp_ops.bench.presets import select
-from resaspp_ops.bench.providers import (DEFAULT_COMPILE_MODE, YARDSTICK, build, is_baseline, is_compiled,
-                                         providers_of, skip_reason)
+from resaspp_ops.bench.providers import (DEFAULT_COMPILE_MODE, FUSED_BACKENDS, YARDSTICK, auto_choice_note, build,
+                                         is_baseline, is_compiled, providers_of, skip_reason)
 from resaspp_ops.bench.timing import TimingSettings, host_time_us, peak_memory_mb, time_step
 from resaspp_ops.bench.workloads import (Case, Float64References, Result, laid_out_like, make_inputs,
                                          make_output_grad, make_source, run_once)
@@ -133,9 +134,13 @@ def run_case(case: Case, providers: list, requested: Optional[list], device: tor
             runner = build(case.level, provider, source, case.rates, device, case.train, compile_mode=compile_mode,
                            family=case.family)
             inputs = xs_cl if runner.channels_last else xs
-            with runner.step_context():
+            # fused-auto decides (measures) at its first call: record what it chose, and why
+            with runner.step_context(), autotune.recording() as used:
                 run = judged(run_once(runner.fn, runner.module, inputs[0], grad, case.train, runner.relu_recorder),
                              references)
+            if FUSED_BACKENDS.get(provider) == "auto" and used:
+                runner.note = auto_choice_note(used)
+                row["auto_choice"] = [d.as_dict() for d in used]
             if provider == yardstick_name:
                 correct, detail = True, "yardstick of the error rule"
             else:
@@ -242,9 +247,9 @@ def resolve_device(name: Optional[str]) -> torch.device:
 
 
 # Environment variables that change what is measured; recorded in meta["env"] when set.
-RECORDED_ENV = ("RESASPP_TRITON_AUTOTUNE", "RESASPP_CUDA_KERNEL", "TRITON_CACHE_AUTOTUNING",
-                "TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS", "TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS",
-                "TORCHINDUCTOR_COMPILE_THREADS", "CUDA_VISIBLE_DEVICES")
+RECORDED_ENV = ("RESASPP_AUTO", "RESASPP_CACHE_DIR", "RESASPP_TRITON_AUTOTUNE", "RESASPP_CUDA_KERNEL",
+                "TRITON_CACHE_AUTOTUNING", "TORCHINDUCTOR_MAX_AUTOTUNE_CONV_BACKENDS",
+                "TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS", "TORCHINDUCTOR_COMPILE_THREADS", "CUDA_VISIBLE_DEVICES")
 
 
 def run(argv) -> int:

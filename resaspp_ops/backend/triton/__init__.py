@@ -16,7 +16,8 @@ Runs CUDA tensors, and CPU tensors through Triton's interpreter when TRITON_INTE
 kernels are imported on first use, never at package import; Triton fixes compiled-or-interpreted when they
 are, so the first use in a process decides.
 
-Switches: RESASPP_TRITON_KERNEL=v2|v1 (read at call time; `use_kernel_version` overrides it in a block),
+Switches: RESASPP_TRITON_KERNEL=v2|v1 (read at call time; `use_kernel_version` overrides it in a block,
+`thread_kernel_version` in a block of one thread only),
 RESASPP_TRITON_AUTOTUNE=1 (opt in to autotuning: see configs.py).
 
 Debug: `with count_tap_tiles() as counter:` makes the kernels count the tap-tiles they process (atomic adds
@@ -25,6 +26,7 @@ into a counter, compiled out otherwise: COUNT is a constexpr); see TapTileCounte
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 from types import SimpleNamespace
@@ -160,13 +162,17 @@ def count_tap_tiles():
 
 KERNEL_VERSIONS = ("v2", "v1")
 _VERSION_OVERRIDE: str | None = None
+# thread_kernel_version's choice: a context variable, so that it stays in the thread (or task) that set it.
+_THREAD_VERSION: contextvars.ContextVar = contextvars.ContextVar("resaspp_triton_kernel", default=None)
 
 
 def kernel_version() -> str:
-    """The kernel design calls run on: use_kernel_version's, else RESASPP_TRITON_KERNEL, else "v2"."""
+    """The kernel design calls run on: thread_kernel_version's, else use_kernel_version's, else
+    RESASPP_TRITON_KERNEL, else "v2"."""
     import os
 
-    version = _VERSION_OVERRIDE or os.environ.get("RESASPP_TRITON_KERNEL", "v2").strip().lower() or "v2"
+    version = (_THREAD_VERSION.get() or _VERSION_OVERRIDE
+               or os.environ.get("RESASPP_TRITON_KERNEL", "v2").strip().lower() or "v2")
     if version not in KERNEL_VERSIONS:
         raise ValueError(f"RESASPP_TRITON_KERNEL={version!r}: choose one of {', '.join(KERNEL_VERSIONS)}")
     return version
@@ -183,6 +189,20 @@ def use_kernel_version(version: str):
         yield
     finally:
         _VERSION_OVERRIDE = previous
+
+
+@contextlib.contextmanager
+def thread_kernel_version(version: str):
+    """Run the Triton backend's calls made by this thread inside the block on kernel design `version`, leaving
+    other threads' alone (use_kernel_version's choice is process-wide, so that it also reaches autograd's
+    backward threads). backend="auto" runs each design that way, around single backend calls."""
+    if version not in KERNEL_VERSIONS:
+        raise ValueError(f"unknown Triton kernel version {version!r}; choose one of {', '.join(KERNEL_VERSIONS)}")
+    token = _THREAD_VERSION.set(version)
+    try:
+        yield
+    finally:
+        _THREAD_VERSION.reset(token)
 
 
 def _design():
