@@ -122,7 +122,10 @@ if (( quick )); then
   phase test-cpu-quick run_there python3 -m pytest -q -p no:cacheprovider -x tests/test_ops.py tests/test_rates.py \
     tests/test_triton_lowering.py tests/test_cuda_kernels.py
 else
-  phase test-cpu run_there env TEST_CPU_CAP_S=3000 VALIDATE_BUDGET_S=3600 bash benchmarks/gpu/validate.sh test-cpu
+  # As many xdist workers as this machine has cores (the GPU machine's 8 would starve a small one, and its
+  # tests with a time budget would then fail for want of CPU, not of correctness).
+  phase test-cpu run_there env PYTEST_WORKERS="$(nproc)" TEST_CPU_CAP_S=3000 VALIDATE_BUDGET_S=3600 \
+    bash benchmarks/gpu/validate.sh test-cpu
 fi
 # The bench phase's path on the CPU (scaled-down presets, a short budget): the suite's arguments parse, its
 # providers build, its files are written.
