@@ -67,7 +67,7 @@ def test_cpu_providers_ran_and_gpu_ones_were_skipped_with_a_reason(cpu_run):
             assert row["median_ms"] is not None or row["note"] == "skipped: time budget spent", row
     assert any(r["level"] == "branches" for r in rows)
     for row in rows:
-        if row["provider"] == "fused-cuda":
+        if row["provider"] in ("fused-cuda", "fused-cuda-sm90"):
             assert row["correct"] is None and "backend 'cuda' unavailable" in row["note"]
         if row["provider"].endswith("-compile"):
             assert row["correct"] is None and "--providers" in row["note"]
@@ -273,3 +273,30 @@ def test_hbm_bytes_collects_nsight_compute_csv(tmp_path):
     assert row["dram_bytes_read"] == 41_000_000 and row["kernels"] == 2
     assert abs(row["over_least"] - 41 / 30) < 1e-9
     assert "1.37x x+weights" in done.stdout
+
+
+def test_kernel_variant_providers_run_their_variant_and_say_where_they_cannot(monkeypatch):
+    """fused-triton-v1 and fused-cuda-sm90 run the backend's other design / kernel family for their calls only,
+    exist for the multi-rate op only, and fused-cuda-sm90 is skipped with the family's own reason on a GPU
+    that cannot run it (never a fault, never another family in its place)."""
+    import torch
+
+    from resaspp_ops import backend as backend_registry
+    from resaspp_ops.backend import cuda as cuda_backend
+    from resaspp_ops.bench import providers
+
+    monkeypatch.delenv("RESASPP_CUDA_KERNEL", raising=False)
+    with providers._variant_context("cuda", "sm90")():
+        assert cuda_backend.requested_kernel() == "sm90"
+    assert cuda_backend.requested_kernel() == "auto"
+    gpu, bf16 = torch.device("cuda", 0), torch.bfloat16
+    monkeypatch.setattr(backend_registry, "status", lambda *a, **k: backend_registry.BackendStatus(True, "test"))
+    monkeypatch.setattr(cuda_backend, "sm90_built", lambda: True)
+    monkeypatch.setattr(cuda_backend, "_capability", lambda index: (8, 0))
+    why = providers.skip_reason("fused-cuda-sm90", gpu, bf16, True, "aspp", "module")
+    assert why is not None and "sm90" in why and "sm_80" in why
+    assert providers.skip_reason("fused-cuda", gpu, bf16, True, "aspp", "module") is None
+    monkeypatch.setattr(cuda_backend, "_capability", lambda index: (9, 0))
+    assert providers.skip_reason("fused-cuda-sm90", gpu, bf16, True, "aspp", "module") is None
+    for provider in ("fused-cuda-sm90", "fused-triton-v1"):
+        assert "multi_rate_conv2d only" in providers.skip_reason(provider, gpu, bf16, True, "separable", "module")

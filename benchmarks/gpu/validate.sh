@@ -359,7 +359,7 @@ FIRST_BENCH_ARGS=(--levels module --dtypes bfloat16 --modes fwd,fwd+bwd --rate-s
 # branch convolutions at v3plus-os16), for the second call.
 SECOND_BENCH_ARGS=(--levels branches --dtypes bfloat16 --modes fwd,fwd+bwd --rate-sets default
   --presets voc-os16,voc-os8,cityscapes-os8,unet-stare,v3plus-os16
-  --providers conv2d-eager,conv2d-eager-cl,conv2d-compile,sepconv-eager,sepconv-eager-cl,sepconv-compile,fused-triton,fused-triton-v1,fused-cuda,fused-auto
+  --providers conv2d-eager,conv2d-eager-cl,conv2d-compile,sepconv-eager,sepconv-eager-cl,sepconv-compile,fused-triton,fused-triton-v1,fused-cuda,fused-cuda-sm90,fused-auto
   --compile-mode reduce-overhead --tag bf16-branches)
 
 phase_bench_first() {

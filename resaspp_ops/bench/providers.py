@@ -7,6 +7,8 @@ Level "module" (the whole ASPP):
     fused-triton / fused-cuda / fused-auto   FusedASPP(backend=...), channels_last input (fused-auto: the measured
                            choice on CUDA, what a user gets; its row's auto_choice records the decisions)
     fused-triton-v1        FusedASPP(backend="triton") on the Triton kernels' first design (RESASPP_TRITON_KERNEL=v1)
+    fused-cuda-sm90        FusedASPP(backend="cuda") on the sm_90a warpgroup-MMA kernels (RESASPP_CUDA_KERNEL=sm90),
+                           which fused-cuda runs only once a GPU run has validated them
     fused-auto-compile     torch.compile (the baseline's mode) of FusedASPP(backend="auto"): what a user who
                            compiles the model gets (the op stays one kernel; Inductor fuses what is around it)
 
@@ -16,6 +18,7 @@ Level "branches" (the 1x1 + B atrous convolutions alone, output [N, (1+B)*Co, H,
     conv2d-compile         torch.compile(mode="max-autotune") of the channels_last version
     fused-triton / fused-cuda / fused-auto   multi_rate_conv2d(backend=...), channels_last input
     fused-triton-v1        multi_rate_conv2d(backend="triton") on the first kernel design
+    fused-cuda-sm90        multi_rate_conv2d(backend="cuda") on the sm_90a kernels
     fused-auto-compile     torch.compile of multi_rate_conv2d(backend="auto")
 
 The separable family (DeepLabV3+ presets; bench/separable.py) has the same levels and fused provider names:
@@ -56,10 +59,20 @@ BASELINES = {
     ("separable", "module"): ("smp-eager", "smp-eager-cl", "smp-compile"),
     ("separable", "branches"): ("sepconv-eager", "sepconv-eager-cl", "sepconv-compile"),
 }
-FUSED_BACKENDS = {"fused-triton": "triton", "fused-triton-v1": "triton", "fused-cuda": "cuda", "fused-auto": "auto",
-                  "fused-auto-compile": "auto"}
-# Providers that run a backend's other kernel design, so that one run compares the designs (step_context).
-KERNEL_VERSIONS = {"fused-triton-v1": ("triton", "v1")}
+FUSED_BACKENDS = {"fused-triton": "triton", "fused-triton-v1": "triton", "fused-cuda": "cuda",
+                  "fused-cuda-sm90": "cuda", "fused-auto": "auto", "fused-auto-compile": "auto"}
+# Providers that run another kernel design or family of a backend, so that one run compares them: (backend, the
+# variant, the op families it exists for).
+KERNEL_VERSIONS = {"fused-triton-v1": ("triton", "v1", ("aspp",)),
+                   "fused-cuda-sm90": ("cuda", "sm90", ("aspp",))}
+
+
+def _variant_context(backend_name: str, variant: str) -> Callable[[], ContextManager]:
+    """A context factory that runs the backend's calls on `variant` (the Triton design, or the CUDA kernel family)."""
+    module = _backend.get(backend_name)
+    if backend_name == "triton":
+        return functools.partial(module.use_kernel_version, variant)
+    return functools.partial(module.use_kernel, variant)
 YARDSTICK = {key: names[0] for key, names in BASELINES.items()}
 # The op family each preset family runs (backend.FAMILIES).
 OP_FAMILY = {"aspp": _backend.MULTI_RATE, "separable": _backend.SEPARABLE}
@@ -91,14 +104,19 @@ def skip_reason(provider: str, device: torch.device, dtype: torch.dtype, explici
     if is_compiled(provider) and device.type == "cpu" and not explicitly_requested:
         return "torch.compile on the CPU is slow; ask for it with --providers"
     backend = FUSED_BACKENDS.get(provider)
-    if provider in KERNEL_VERSIONS and family != "aspp":
-        return f"{provider} is a kernel design of {_backend.MULTI_RATE} only"
+    if provider in KERNEL_VERSIONS and family not in KERNEL_VERSIONS[provider][2]:
+        return f"{provider} is a kernel variant of {_backend.MULTI_RATE} only"
     if backend is not None and backend != "auto":
         if not _backend.implements(backend, OP_FAMILY[family]):
             return _backend.not_implemented_reason(backend, OP_FAMILY[family])
         available, reason = _backend.status(backend, device, dtype, OP_FAMILY[family])
         if not available:
             return f"backend {backend!r} unavailable: {reason}"
+        if provider in KERNEL_VERSIONS and backend == "cuda":
+            # The family's own conditions on this GPU and dtype (channel counts: every preset's are multiples of 8).
+            why = _backend.get("cuda").kernel_unavailable_reason(KERNEL_VERSIONS[provider][1], device, dtype, 8, 8)
+            if why:
+                return f"cuda kernel family {KERNEL_VERSIONS[provider][1]!r} cannot run here: {why}"
     return None
 
 
@@ -245,7 +263,7 @@ def build(level: str, provider: str, source: nn.Module, rates, device: torch.dev
     note = auto_note(device, next(module.parameters()).dtype, family) if backend == "auto" else ""
     context = contextlib.nullcontext
     if provider in KERNEL_VERSIONS:
-        backend_name, version = KERNEL_VERSIONS[provider]
-        context = functools.partial(_backend.get(backend_name).use_kernel_version, version)
-        note = f"kernel design {version}"
+        backend_name, variant, _ = KERNEL_VERSIONS[provider]
+        context = _variant_context(backend_name, variant)
+        note = f"kernel {'design' if backend_name == 'triton' else 'family'} {variant}"
     return Runner(provider, fn, module, channels_last, note, list(module.parameters()), recorder, context)
