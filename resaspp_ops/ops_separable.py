@@ -25,7 +25,7 @@ from torch import Tensor
 from resaspp_ops import autotune as _autotune
 from resaspp_ops import backend as _backend
 from resaspp_ops.autotune.problems import SeparableProblem
-from resaspp_ops.export import refuse_torchscript
+from resaspp_ops.export import declare_inductor_fallbacks, refuse_torchscript
 from resaspp_ops.op_common import (accumulation_dtype, autocast_to, check_branch_count, check_per_channel,
                                    check_rates, check_w1x1, check_weight_like_x, check_x, differentiable_plan,
                                    epilogue_backward, needs_grad, plain_eager, resolve_part)
@@ -129,6 +129,7 @@ def _multi_rate_separable_conv2d(x: Tensor, w1x1: Tensor, w_dw: Tensor, w_pw: Te
 
 @_multi_rate_separable_conv2d.register_fake
 def _(x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, scale, shift, relu, backend):
+    declare_inductor_fallbacks()  # Inductor keeps the op (resaspp_ops/export.py)
     check_separable_inputs(x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, scale, shift)
     return _output_like(x, (1 + len(rates)) * w1x1.shape[0])
 

@@ -71,3 +71,39 @@ def test_compile_fullgraph_with_a_named_backend(backend):
     x, w1, w3 = torch.randn(2, 6, 7, 9), torch.randn(4, 6, 1, 1), torch.randn(2, 4, 6, 3, 3)
     f = torch.compile(lambda *a: multi_rate_conv2d(*a, (1, 3), backend=backend), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(f(x, w1, w3), multi_rate_conv2d(x, w1, w3, (1, 3)))
+
+
+_INDUCTOR_UNDER_CI = r"""
+import torch
+from resaspp_ops import FusedASPP, FusedSeparableASPP
+
+torch.manual_seed(0)
+modules = ((FusedASPP(8, [1, 2], 4).eval(), False), (FusedSeparableASPP(8, [1, 3], 4, dropout=0.0).train(), True))
+for module, dynamic in modules:
+    compiled = torch.compile(module, dynamic=dynamic, fullgraph=True)
+    for shape in ((2, 8, 9, 11), (3, 8, 7, 6)):
+        x = torch.randn(shape).to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), module(x), rtol=1e-4, atol=1e-5)
+        if not dynamic:
+            break
+import torch._inductor.lowering as lowering
+assert torch.ops.resaspp_ops.multi_rate_conv2d.default in lowering.lowerings
+print("inductor kept the fused ops")
+"""
+
+
+def test_inductor_compiles_the_fused_ops_where_the_ci_variable_is_set(tmp_path):
+    """Inductor refuses an implicit fallback for an op with an entry in torch._decomp.decomposition_table (the
+    ops' ONNX compositions) wherever CI is set, as GitHub Actions sets it; the ops register as fallbacks of their
+    own. A fresh process with Inductor's caches off, so that a cached graph cannot hide the lowering."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CI": "true", "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", _INDUCTOR_UNDER_CI], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "inductor kept the fused ops" in done.stdout
