@@ -1,5 +1,6 @@
 """`resaspp tune` fills backend="auto"'s cache from a model; `resaspp info` shows the decisions and why."""
 import json
+import os
 
 import pytest
 from torch import nn
@@ -38,6 +39,7 @@ def test_tune_runs_each_shape_and_mode_and_writes_the_cache(cache_dir, capsys):
     assert len(keys) == 2 * 4, keys
     assert sum(" forward " in k and "scale,shift,relu" in k for k in keys) == 2
     assert "8 decisions for test_auto_cli:tiny_segmenter on cpu (float32)" in out
+    assert "RESASPP_AUTO" not in os.environ  # the command measured; the process's setting is as it was
     assert "reference (fastest verified" in out and str(cache_dir / FILE_NAME) in out
     autotune.reset()
     assert main(["info"]) == 0

@@ -112,7 +112,27 @@ def _step(model, x, train: bool, autocast) -> None:
         model.zero_grad(set_to_none=True)
 
 
+@contextlib.contextmanager
+def _measuring():
+    """RESASPP_AUTO=measure inside the block, whatever the device, and as it was after it: `resaspp tune` runs
+    in-process too (tests, notebooks), where a changed variable would outlive the command."""
+    previous = os.environ.get("RESASPP_AUTO")
+    os.environ["RESASPP_AUTO"] = "measure"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("RESASPP_AUTO", None)
+        else:
+            os.environ["RESASPP_AUTO"] = previous
+
+
 def run(args) -> int:
+    with _measuring():
+        return _run(args)
+
+
+def _run(args) -> int:
     import torch
 
     from resaspp_ops import autotune
@@ -124,7 +144,6 @@ def run(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise _Fail("--device cuda, but no CUDA device is visible")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    os.environ["RESASPP_AUTO"] = "measure"  # this process measures, whatever the device
     model = _build_model(args.model, args.num_classes)
     with warnings.catch_warnings():  # nothing converted is an error here, said below
         warnings.filterwarnings("ignore", message="convert_aspp found no module")
