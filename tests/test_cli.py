@@ -37,3 +37,17 @@ def test_console_script_is_installed():
     res = subprocess.run([sys.executable, "-m", "resaspp_ops.cli", "rates", "--input-size", "513",
                           "--output-stride", "16"], capture_output=True, text=True, check=True)
     assert "(5, 10, 15)" in res.stdout
+
+
+def test_info_piped_into_a_reader_that_stops_early_is_no_error():
+    """`resaspp info | head -1` (or `| grep -q`): the closed pipe ends the command quietly, exit status 0."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "resaspp_ops.cli", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, bufsize=0)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, stderr
+    assert first.startswith(b"resaspp_ops ") and "Traceback" not in stderr, stderr
