@@ -13,16 +13,7 @@ import importlib
 import os
 import sys
 
-
-def _input_size(text: str):
-    parts = text.lower().replace("x", ",").split(",")
-    try:
-        sizes = [int(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected S or HxW, got {text!r}") from None
-    if len(sizes) not in (1, 2):
-        raise argparse.ArgumentTypeError(f"expected S or HxW, got {text!r}")
-    return sizes[0] if len(sizes) == 1 else tuple(sizes)
+from resaspp_ops.cli_args import size_arg
 
 
 def cmd_rates(args) -> int:
@@ -127,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resaspp", description="resaspp_ops: fused ASPP kernels and tools")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("rates", help="the resolution-aware atrous rates for a crop size and output stride")
-    p.add_argument("--input-size", type=_input_size, required=True, help="crop size S, or HxW")
+    p.add_argument("--input-size", type=size_arg, required=True, help="crop size S, or HxW")
     p.add_argument("--output-stride", type=int, required=True, help="backbone output stride (8 or 16)")
     p.set_defaults(func=cmd_rates)
     p = sub.add_parser("info", help="versions, the CUDA build and the available backends")

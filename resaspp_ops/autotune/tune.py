@@ -20,24 +20,10 @@ import os
 import sys
 import warnings
 
+from resaspp_ops.cli_args import CommandError, build_model, hw_arg, positive_int_arg
+
 DTYPES = ("float32", "float16", "bfloat16")
 MODES = ("train", "eval", "both")
-
-
-def _size(text: str) -> tuple[int, int]:
-    from resaspp_ops.erf.cli import _size as erf_size
-
-    return erf_size(text)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="torchvision segmentation builder (e.g. deeplabv3_resnet50) or module:factory")
-    p.add_argument("--input-size", type=_size, nargs="+", required=True, help="one or more S or HxW")
-    p.add_argument("--batch-size", type=_positive, nargs="+", default=[1], help="one or more (default 1)")
+    p.add_argument("--input-size", type=hw_arg, nargs="+", required=True, help="one or more S or HxW")
+    p.add_argument("--batch-size", type=positive_int_arg, nargs="+", default=[1], help="one or more (default 1)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="bfloat16 / float16 (under torch.autocast) or float32 (default: bfloat16 on cuda, "
                         "float32 on cpu)")
@@ -137,20 +123,19 @@ def _run(args) -> int:
 
     from resaspp_ops import autotune
     from resaspp_ops.autotune.cache import cache_path
-    from resaspp_ops.erf.cli import _build_model, _Fail
     from resaspp_ops.nn import FusedASPP, FusedDepthwiseSeparableASPP, FusedSeparableASPP, convert_aspp
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise _Fail("--device cuda, but no CUDA device is visible")
+        raise CommandError("--device cuda, but no CUDA device is visible")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    model = _build_model(args.model, args.num_classes)
+    model = build_model(args.model, args.num_classes)
     with warnings.catch_warnings():  # nothing converted is an error here, said below
         warnings.filterwarnings("ignore", message="convert_aspp found no module")
         convert_aspp(model, backend="auto")
     fused = [m for m in model.modules() if isinstance(m, (FusedASPP, FusedSeparableASPP, FusedDepthwiseSeparableASPP))]
     if not fused:
-        raise _Fail(f"--model {args.model!r} has no ASPP that convert_aspp could fuse: nothing to tune")
+        raise CommandError(f"--model {args.model!r} has no ASPP that convert_aspp could fuse: nothing to tune")
     model = model.to(device)
     modes = ("train", "eval") if args.mode == "both" else (args.mode,)
     shapes = list(itertools.product(args.input_size, args.batch_size, modes))
@@ -183,11 +168,9 @@ def _run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from resaspp_ops.erf.cli import _Fail
-
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except _Fail as exc:
+    except CommandError as exc:
         print(f"resaspp tune: error: {exc}", file=sys.stderr)
         return 2

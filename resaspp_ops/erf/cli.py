@@ -17,7 +17,6 @@ the unblurred ERF (the measurement smooths its own 1-D profiles by OS / 2).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import sys
@@ -27,24 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from resaspp_ops.cli_args import CommandError, build_model, hw_arg
+
 # torchvision's ImageNet normalisation, which its segmentation models expect.
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
-
-
-class _Fail(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
-
-
-def _size(text: str) -> tuple[int, int]:
-    from resaspp_ops.cli import _input_size
-
-    size = _input_size(text)
-    size = (size, size) if isinstance(size, int) else size
-    if min(size) <= 0:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return size
 
 
 def _rates(text: str) -> tuple[int, ...]:
@@ -64,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchvision segmentation builder (e.g. deeplabv3_resnet50) or module:factory")
     p.add_argument("--checkpoint", type=Path, help="state_dict to load (also {'model': ...} / {'state_dict': ...})")
     p.add_argument("--num-classes", type=int, default=21, help="classes of a torchvision model (default 21)")
-    p.add_argument("--input-size", type=_size, required=True, help="S or HxW of the input images")
+    p.add_argument("--input-size", type=hw_arg, required=True, help="S or HxW of the input images")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", type=Path, help="folder of images (resized and centre-cropped to the input size)")
     src.add_argument("--random", type=int, metavar="N", help="N images of uniform random pixels")
@@ -87,36 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _build_model(spec: str, num_classes: int) -> nn.Module:
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        if "" not in sys.path and str(Path.cwd()) not in sys.path:  # the console script leaves cwd out
-            sys.path.insert(0, str(Path.cwd()))
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise _Fail(f"cannot load --model {spec!r}: {exc}") from None
-        model = factory()
-    else:
-        try:
-            from torchvision.models import segmentation
-        except ImportError:
-            raise _Fail("torchvision is needed for --model NAME (or use module:factory)") from None
-        builder = getattr(segmentation, spec, None)
-        if not callable(builder) or spec.startswith("_"):
-            raise _Fail(f"unknown torchvision segmentation model {spec!r} (e.g. deeplabv3_resnet50, "
-                        f"deeplabv3_resnet101, deeplabv3_mobilenet_v3_large), or give module:factory")
-        model = builder(weights=None, weights_backbone=None, num_classes=num_classes)
-    if not isinstance(model, nn.Module):
-        raise _Fail(f"--model {spec!r} did not return an nn.Module (got {type(model).__name__})")
-    return model
-
-
 def _load_checkpoint(model: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unreadable file, pickled objects, ...
-        raise _Fail(f"cannot read --checkpoint {path}: {exc}") from None
+        raise CommandError(f"cannot read --checkpoint {path}: {exc}") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -127,7 +89,7 @@ def _load_checkpoint(model: nn.Module, path: Path) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise _Fail(f"--checkpoint {path} does not fit the model: {exc}") from None
+        raise CommandError(f"--checkpoint {path} does not fit the model: {exc}") from None
 
 
 class _Batches:
@@ -193,21 +155,21 @@ def run(args) -> int:
     FUSED_MODULES = (FusedASPP, FusedSeparableASPP, FusedDepthwiseSeparableASPP)
 
     if args.batch_size <= 0 or (args.random is not None and args.random <= 0):
-        raise _Fail("--batch-size and --random must be positive")
+        raise CommandError("--batch-size and --random must be positive")
     h, w = args.input_size
     if args.images is not None:
         if not args.images.is_dir():
-            raise _Fail(f"--images {args.images} is not a folder")
+            raise CommandError(f"--images {args.images} is not a folder")
         files = sorted(f for f in args.images.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES)
         if not files:
-            raise _Fail(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {args.images}")
+            raise CommandError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {args.images}")
         images = _Batches((h, w), args.batch_size, files=files)
     else:
         images = _Batches((h, w), args.batch_size, count=args.random, seed=args.seed)
 
     with torch.random.fork_rng(devices=[]):  # seeded: a random-init model is the same run to run
         torch.manual_seed(args.seed)
-        model = _build_model(args.model, args.num_classes)
+        model = build_model(args.model, args.num_classes)
     if args.checkpoint is not None:
         _load_checkpoint(model, args.checkpoint)
     if not args.no_convert and not any(isinstance(m, FUSED_MODULES) for m in model.modules()):
@@ -287,7 +249,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except _Fail as exc:
+    except CommandError as exc:
         print(f"resaspp erf: error: {exc}", file=sys.stderr)
         return 2
 
