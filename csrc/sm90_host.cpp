@@ -51,7 +51,9 @@ void cover(std::vector<char>& seen, int64_t i, int64_t j, const char* what) {
 // The job rows, masks and tap tables against the geometry and against each other, where the kernels need
 // them to agree: the producer walks a job's steps from `masks` (dgrad) or `tap_offsets` (wgrad) while the
 // consumers count job[3]; a mismatch leaves one side waiting on an mbarrier forever. Every index the walks
-// and epilogues read is in range, and every output block is some job's, once.
+// and epilogues read is in range, and every output block is some job's, once. What it does not check: that the
+// masks are the tiles' true live taps (a live tap dropped from both a mask and its job's count neither hangs nor
+// reads out of range, it gives a wrong sum): sm90_plan.py makes them, and the GPU tests check its results.
 void check_table_contents(Kind kind, const LaunchPlan& p, int64_t tiles, int64_t groups) {
   const Geometry& g = p.g;
   const int64_t nb = g.num_branches, J = p.num_jobs;
@@ -99,8 +101,11 @@ void check_table_contents(Kind kind, const LaunchPlan& p, int64_t tiles, int64_t
     TORCH_CHECK(off.n == taps + 1 && off[0] == 0 && off[taps] <= p.tap_entries.size(0),
                 "resaspp_ops._C: sm90 tap_offsets must be [", taps + 1, "] from 0 to at most the ",
                 p.tap_entries.size(0), " tap entries");
+    // Every offset in order first: with off[taps] bounded above, no entry read below can pass the table's end.
     for (int64_t t = 0; t < taps; ++t) {
       TORCH_CHECK(off[t] <= off[t + 1], "resaspp_ops._C: sm90 tap_offsets must not decrease (tap ", t, ")");
+    }
+    for (int64_t t = 0; t < taps; ++t) {
       const int64_t branch = t == 0 ? 0 : 1 + (t - 1) / 9, bit = t == 0 ? kCentreTap : (t - 1) % 9;
       for (int64_t e = off[t]; e < off[t + 1]; ++e) {
         const int image = ent[2 * e], tile = ent[2 * e + 1];

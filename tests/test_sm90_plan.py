@@ -283,6 +283,9 @@ BAD_TABLES = {  # case: (plan kind, edit, the error it must raise)
                                            "tap_offsets must be"),
     "wgrad tap offsets of the wrong length": ("wgrad", _replace("tap_offsets", lambda t: t[:-1].clone()),
                                               "tap_offsets must be"),
+    # An offset far past the entries, a smaller one after it: rejected before any entry is read through it.
+    "wgrad tap offset jumping past the entries": ("wgrad", _set("tap_offsets", 1, lambda a, pl: 10**6),
+                                                  "must not decrease"),
     # Indices the walks and the epilogues read.
     "wgrad entry past the tiles": ("wgrad", _set("tap_entries", (0, 1), lambda a, pl: 10**6),
                                    "not a tile where that tap is live"),
