@@ -180,3 +180,18 @@ def test_the_file_keeps_the_most_recent_environments(cache_dir):
     kept = json.loads((cache_dir / C.FILE_NAME).read_text())["environments"]
     assert len(kept) == C.KEPT_ENVIRONMENTS and environment() in kept
     assert not {"env 0", "env 1", "env 2"} & set(kept) and f"env {C.KEPT_ENVIRONMENTS + 1}" in kept
+
+
+def test_speed_switches_make_another_environment(monkeypatch):
+    """A decision timed with Triton's autotuning or dgrad loop switched one way is not reused the other way: the
+    switches that are set are part of the environment the file's decisions hold for."""
+    from resaspp_ops.autotune.key import SPEED_SWITCHES, environment
+
+    for name in SPEED_SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    plain = environment()
+    monkeypatch.setenv("RESASPP_TRITON_DGRAD_SEGMENTS", "loads")
+    loads = environment()
+    monkeypatch.setenv("RESASPP_TRITON_AUTOTUNE", "1")
+    assert len({plain, loads, environment()}) == 3
+    assert "RESASPP_TRITON_DGRAD_SEGMENTS=loads" in loads and loads.startswith(plain)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import os
 from dataclasses import dataclass
 
 import torch
@@ -107,12 +108,23 @@ def kernels_fingerprint(package=None) -> str:
     return digest.hexdigest()[:12]
 
 
+# Switches that change a kernel's speed but not its results (its configs, its loop): a decision timed under one
+# setting is not used under another.
+SPEED_SWITCHES = ("RESASPP_TRITON_AUTOTUNE", "RESASPP_TRITON_DGRAD_SEGMENTS")
+
+
 @functools.lru_cache(maxsize=None)
-def environment() -> str:
-    """The software the decisions hold for: the package, torch, Triton and CUDA versions and the kernels'
-    fingerprint (the GPU is in each key). A decision made under others is not used: a new kernel or a new cuDNN
-    can change the answer."""
+def _software() -> str:
     from resaspp_ops._version import __version__
 
     return (f"resaspp_ops {__version__}, torch {torch.__version__}, triton {_version_of('triton')}, "
             f"CUDA {torch.version.cuda or 'none'}, kernels {kernels_fingerprint()}")
+
+
+def environment() -> str:
+    """The software the decisions hold for: the package, torch, Triton and CUDA versions and the kernels'
+    fingerprint (the GPU is in each key), and the speed switches that are set. A decision made under others is
+    not used: a new kernel or a new cuDNN can change the answer."""
+    text = _software()
+    switches = [f"{name}={os.environ[name].strip()}" for name in SPEED_SWITCHES if os.environ.get(name, "").strip()]
+    return text + (f", {', '.join(switches)}" if switches else "")
