@@ -10,7 +10,7 @@ from torch import nn
 from resaspp_ops import FusedDepthwiseSeparableASPP, FusedSeparableASPP, convert_aspp, revert_aspp
 from resaspp_ops.export import TORCHSCRIPT_MESSAGE
 from utils import randomize_batchnorm
-from test_deploy import STANDARD_ONNX, assert_fp32_close, export_and_run
+from test_deploy import EXAMPLE_BATCH, STANDARD_ONNX, assert_fp32_close, export_and_run
 
 smp = pytest.importorskip("segmentation_models_pytorch", reason="the test extra installs segmentation-models-pytorch")
 
@@ -26,7 +26,7 @@ def test_converted_smp_deeplabv3plus_exports_and_matches_eager():
     randomize_batchnorm(model.decoder)
     model = convert_aspp(model).eval()
     assert isinstance(model.decoder.aspp[0], FusedSeparableASPP)
-    program, run = export_and_run(model, torch.randn(1, 3, 64, 64), min_size=32)
+    program, run = export_and_run(model, torch.randn(EXAMPLE_BATCH, 3, 64, 64), min_size=32)
     nodes = program.model_proto.graph.node
     assert {n.op_type for n in nodes} <= STANDARD_ONNX and all(n.domain in ("", "ai.onnx") for n in nodes)
     assert _conv_groups(program).count(512) == 3  # the ASPP's three depthwise convs (C = 512), as standard Convs
