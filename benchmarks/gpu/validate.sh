@@ -113,6 +113,9 @@ mark_failed() { touch "$failed_mark"; }
 pack_logs() {
   local keep=(summary.txt logs.tar.gz aspp_gpu_check.json hbm_bytes.json results)
   local f files=()
+  # An earlier run's logs in the same $OUT (a second validate.sh in one call, the rehearsal's phases) are kept
+  # beside this run's (a log of the same name: this run's).
+  [[ -f "$OUT/logs.tar.gz" ]] && tar -xzf "$OUT/logs.tar.gz" -C "$OUT" --skip-old-files
   for f in "$OUT"/* "$OUT"/.[!.]*; do
     [[ -e "$f" ]] || continue
     [[ " ${keep[*]} " == *" $(basename "$f") "* ]] && continue
