@@ -8,7 +8,8 @@ comes with torch's headers. Metadata and sdist commands need none of it, torch i
 Environment (all optional):
   TORCH_CUDA_ARCH_LIST     archs to build ("9.0", "8.0;9.0+PTX", ...). 9.0 is built as 9.0a (sm_90a:
                            the warpgroup-MMA kernels need it; the rest runs there as on sm_90), 9.0+PTX
-                           as 9.0a plus compute_90 PTX. Unset: the visible GPUs', or "8.0;9.0+PTX".
+                           as 9.0a plus compute_90 PTX. Numbers only, not names ("Hopper"). Unset: the
+                           visible GPUs', or "8.0;9.0+PTX".
   RESASPP_CUTLASS_DIR      CUTLASS's include directory (holding cute/ and cutlass/) for the sm_90a
                            kernels. Unset: an installed nvidia-cutlass wheel's, else the pinned wheel's
                            headers fetched into build/_deps (CUTLASS_PIN; pyproject.toml names the same).
@@ -146,20 +147,30 @@ def _find_cutlass():
     return str(inc), version, how
 
 
-def _arch_list_for_sm90(arch_list):
-    """(arch list with 9.0 as 9.0a, extra nvcc flags, whether 9.0 is in it)."""
+def _gencode_flags(arch_list):
+    """(arch list with 9.0 as 9.0a, every nvcc -gencode flag of the build, whether 9.0 is in it).
+
+    The flags are complete: torch's BuildExtension adds no arch flag of its own once any nvcc flag names an
+    arch, so the compute_90 PTX that 9.0+PTX asks for cannot be one extra flag beside torch's (that built a
+    _C of PTX alone). Entries are numbers as torch takes them ("8.6", "9.0a", "8.0+PTX").
+    """
     entries = [e for e in re.split(r"[;\s]+", arch_list) if e]
-    out, extra, has90 = [], [], False
+    out, flags, has90 = [], [], False
     for e in entries:
-        base = e[:-4] if e.endswith("+PTX") else e
-        if base in ("9.0", "9.0a"):
-            has90 = True
-            out.append("9.0a")
-            if e.endswith("+PTX"):  # PTX for later GPUs; the sm_90a kernels compile to nothing in it
-                extra.append("-gencode=arch=compute_90,code=compute_90")
-        else:
-            out.append(e)
-    return ";".join(dict.fromkeys(out)), extra, has90
+        m = re.fullmatch(r"(\d+)\.(\d)(a?)(\+PTX)?", e)
+        if m is None:
+            raise RuntimeError(f"TORCH_CUDA_ARCH_LIST={arch_list!r}: name each arch by its number, as in "
+                               f"'8.0;9.0+PTX' ({e!r} is not one)")
+        num, suffix, ptx = m.group(1) + m.group(2), m.group(3), m.group(4)
+        if num == "90":  # the warpgroup-MMA kernels need sm_90a; the rest runs there as on sm_90
+            has90, suffix = True, "a"
+        out.append(f"{m.group(1)}.{m.group(2)}{suffix}")
+        flags.append(f"-gencode=arch=compute_{num}{suffix},code=sm_{num}{suffix}")
+        if ptx:  # arch-neutral PTX, which later GPUs compile; the sm_90a kernels compile to a trap in it
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    if not out:
+        raise RuntimeError(f"TORCH_CUDA_ARCH_LIST={arch_list!r} names no arch")
+    return ";".join(dict.fromkeys(out)), list(dict.fromkeys(flags)), has90
 
 
 def _max_jobs():
@@ -227,7 +238,7 @@ def _cuda_extension():
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     requested = os.environ["TORCH_CUDA_ARCH_LIST"]
-    arch_list, extra_gencode, has90 = _arch_list_for_sm90(requested)
+    arch_list, gencode, has90 = _gencode_flags(requested)
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     if not os.environ.get("MAX_JOBS"):
         os.environ["MAX_JOBS"] = str(_max_jobs())
@@ -243,8 +254,9 @@ def _cuda_extension():
         sm90 = {"built": True, "reason": f"sm_90a, CUTLASS {cutlass_version} from {cutlass_how} ({cutlass_inc})"}
     sm90.update(cutlass_version=cutlass_version, cutlass_dir=cutlass_inc)
 
+    code = [re.search(r",code=(\w+)", f).group(1) for f in gencode]
     define = [f"-DRESASPP_WITH_SM90={1 if sm90['built'] else 0}"]
-    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + define + extra_gencode
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + define + gencode
     if _flag("RESASPP_PTXAS_VERBOSE"):
         nvcc_flags += ["-Xptxas", "-v"]
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c*")
@@ -256,10 +268,10 @@ def _cuda_extension():
         extra_compile_args={"cxx": ["-O3"] + define, "nvcc": nvcc_flags},
     )
     _log(f"building resaspp_ops._C | CUDA_HOME={cuda_home} (from {how}) | torch {torch.__version__} "
-         f"(CUDA {torch.version.cuda}) | TORCH_CUDA_ARCH_LIST={arch_list} (asked: {requested}) "
-         f"| MAX_JOBS={os.environ['MAX_JOBS']} | {len(sources)} sources | sm_90a kernels: "
+         f"(CUDA {torch.version.cuda}) | TORCH_CUDA_ARCH_LIST={arch_list} (asked: {requested}; code: "
+         f"{', '.join(code)}) | MAX_JOBS={os.environ['MAX_JOBS']} | {len(sources)} sources | sm_90a kernels: "
          f"{'yes, ' if sm90['built'] else 'no: '}{sm90['reason']}")
-    build_config = {"cuda_home": cuda_home, "arch_list": arch_list, "torch": torch.__version__,
+    build_config = {"cuda_home": cuda_home, "arch_list": arch_list, "code": code, "torch": torch.__version__,
                     "torch_cuda": torch.version.cuda, "sm90": sm90}
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}, build_config
 

@@ -57,7 +57,8 @@ def cmd_info(args) -> int:
     ext = cuda_backend.extension()
     BUILD_CONFIG = cuda_backend.build_record()
     if ext is not None and BUILD_CONFIG:
-        print(f"resaspp_ops._C: built for TORCH_CUDA_ARCH_LIST={BUILD_CONFIG['arch_list']} "
+        code = f"; code: {', '.join(BUILD_CONFIG['code'])}" if "code" in BUILD_CONFIG else ""
+        print(f"resaspp_ops._C: built for TORCH_CUDA_ARCH_LIST={BUILD_CONFIG['arch_list']}{code} "
               f"with {BUILD_CONFIG['cuda_home']} (torch {BUILD_CONFIG['torch']})")
     elif ext is not None:
         print("resaspp_ops._C: built (no build record)")

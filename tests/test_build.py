@@ -1,5 +1,6 @@
 """The build's pieces that need no compiler: the CUTLASS pin named alike everywhere, and setup.py's arch
-list rule (9.0 built as sm_90a, 9.0+PTX keeping compute_90 PTX)."""
+list rule (9.0 built as sm_90a, 9.0+PTX keeping compute_90 PTX, every arch's -gencode flag written by
+setup.py)."""
 from __future__ import annotations
 
 import ast
@@ -33,12 +34,34 @@ def test_cutlass_pin_agrees():
     assert mentions, "the docs name the pinned CUTLASS nowhere"
 
 
-@pytest.mark.parametrize("asked,want,extra,has90", [
-    ("9.0", "9.0a", [], True),
-    ("8.0;9.0+PTX", "8.0;9.0a", ["-gencode=arch=compute_90,code=compute_90"], True),
-    ("9.0a", "9.0a", [], True),
-    ("8.0 8.6", "8.0;8.6", [], False),
-    ("9.0;9.0a", "9.0a", [], True),
+SM80, SM90A, PTX90 = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
+                      "-gencode=arch=compute_90,code=compute_90")
+
+
+@pytest.mark.parametrize("asked,want,flags,has90", [
+    ("9.0", "9.0a", [SM90A], True),
+    ("8.0;9.0+PTX", "8.0;9.0a", [SM80, SM90A, PTX90], True),
+    ("9.0a", "9.0a", [SM90A], True),
+    ("8.0 8.6+PTX", "8.0;8.6", [SM80, "-gencode=arch=compute_86,code=sm_86",
+                                "-gencode=arch=compute_86,code=compute_86"], False),
+    ("9.0;9.0a", "9.0a", [SM90A], True),
+    ("10.0a", "10.0a", ["-gencode=arch=compute_100a,code=sm_100a"], False),
 ])
-def test_arch_list_builds_9_0_as_sm90a(asked, want, extra, has90):
-    assert _setup_function("_arch_list_for_sm90")(asked) == (want, extra, has90)
+def test_arch_list_builds_9_0_as_sm90a(asked, want, flags, has90):
+    """Every arch asked gets its machine code, and +PTX arch-neutral PTX besides. The flags must be the
+    whole list: torch adds none of its own once one nvcc flag names an arch (a lone compute_90 flag beside
+    torch's once gave a _C of PTX alone)."""
+    assert _setup_function("_gencode_flags")(asked) == (want, flags, has90)
+
+
+@pytest.mark.parametrize("asked", ["Hopper", "8.0;sm_90", "", " ; "])
+def test_arch_list_not_a_number_is_an_error(asked):
+    with pytest.raises(RuntimeError, match="TORCH_CUDA_ARCH_LIST"):
+        _setup_function("_gencode_flags")(asked)
+
+
+def test_torch_adds_no_arch_flag_beside_ours():
+    """Why _gencode_flags returns the whole list: torch's BuildExtension drops its own arch flags when an
+    extension's nvcc flags name one. If a torch stops doing so, the build would carry both lists."""
+    cpp_extension = pytest.importorskip("torch.utils.cpp_extension")
+    assert cpp_extension._get_cuda_arch_flags([SM90A]) == []
