@@ -278,7 +278,8 @@ def test_hbm_bytes_collects_nsight_compute_csv(tmp_path):
 def test_kernel_variant_providers_run_their_variant_and_say_where_they_cannot(monkeypatch):
     """fused-triton-v1 and fused-cuda-sm90 run the backend's other design / kernel family for their calls only,
     exist for the multi-rate op only, and fused-cuda-sm90 is skipped with the family's own reason on a GPU
-    that cannot run it (never a fault, never another family in its place)."""
+    that cannot run it (never a fault, never another family in its place); fused-triton-unrolled runs the
+    separable forward with its taps unrolled, and exists for the separable op only."""
     import torch
 
     from resaspp_ops import backend as backend_registry
@@ -300,3 +301,10 @@ def test_kernel_variant_providers_run_their_variant_and_say_where_they_cannot(mo
     assert providers.skip_reason("fused-cuda-sm90", gpu, bf16, True, "aspp", "module") is None
     for provider in ("fused-cuda-sm90", "fused-triton-v1"):
         assert "multi_rate_conv2d only" in providers.skip_reason(provider, gpu, bf16, True, "separable", "module")
+    why = providers.skip_reason("fused-triton-unrolled", gpu, bf16, True, "aspp", "module")
+    assert "kernel variant of multi_rate_separable_conv2d only" in why
+    configs = pytest.importorskip("resaspp_ops.backend.triton.configs")
+    monkeypatch.delenv("RESASPP_TRITON_SEPARABLE_TAPS", raising=False)
+    with providers._variant_context("triton", "taps-unrolled")():
+        assert configs.separable_taps() == "unrolled"
+    assert configs.separable_taps() == "loop"

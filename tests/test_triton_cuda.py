@@ -129,6 +129,20 @@ def test_separable_matches_float64(p, stage, dtype, gpu_device):
     check_separable(p, stage, dtype, seed=1, device=gpu_device)
 
 
+def test_separable_tap_walks_agree(gpu_device, monkeypatch):
+    """The separable forward's loop over the live taps (the default) and its unrolled taps (RESASPP_TRITON_
+    SEPARABLE_TAPS=unrolled, at C = 256): the same taps in the same order, so bitwise the same output."""
+    from utils import make_separable_problem
+
+    args = make_separable_problem(Problem(2, 256, 64, 33, 33, (6, 12, 18)), "mid", torch.bfloat16, gpu_device)
+    out = []
+    for choice in ("unrolled", "loop"):
+        monkeypatch.setenv("RESASPP_TRITON_SEPARABLE_TAPS", choice)
+        with torch.no_grad():
+            out.append(resaspp_ops.multi_rate_separable_conv2d(**args, backend="triton"))
+    assert torch.equal(*out)
+
+
 def test_separable_backward_is_bitwise_reproducible(gpu_device):
     from utils import make_separable_problem, separable_leaves
 

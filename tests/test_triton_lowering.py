@@ -171,17 +171,19 @@ def test_every_opt_in_autotuning_candidate_compiles():
 _SEPARABLE_SCRIPT = r"""
 import dataclasses, json, sys, torch
 from resaspp_ops.backend.triton import lowering
-n, c, co, h, w, rates, dtype, backward = json.loads(sys.argv[1])
-launches = lowering.lower_separable(n, c, co, h, w, tuple(rates), getattr(torch, dtype), backward=backward)
+n, c, co, h, w, rates, dtype, backward, mid = json.loads(sys.argv[1])
+launches = lowering.lower_separable(n, c, co, h, w, tuple(rates), getattr(torch, dtype), backward=backward, mid=mid)
 print(json.dumps([dataclasses.asdict(l) for l in launches]))
 """
 
 
 @functools.lru_cache(maxsize=None)
-def _lower_separable_v3plus_os16(dtype, backward=True):
-    """The separable op's launches at smp's DeepLabV3+ default (C = 2048, Co = 256, 32x32, rates 12, 24, 36)."""
+def _lower_separable_v3plus_os16(dtype, backward=True, mid=True, taps="loop"):
+    """The separable op's launches at smp's DeepLabV3+ default (C = 2048, Co = 256, 32x32, rates 12, 24, 36), with
+    the mid stage (mmseg's BN and ReLU between) or without (smp's), and the forward's tap walk `taps`."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RESASPP_TRITON_AUTOTUNE")}
-    args = json.dumps([8, 2048, 256, 32, 32, [12, 24, 36], dtype, backward])
+    env["RESASPP_TRITON_SEPARABLE_TAPS"] = taps
+    args = json.dumps([8, 2048, 256, 32, 32, [12, 24, 36], dtype, backward, mid])
     done = subprocess.run([sys.executable, "-c", _SEPARABLE_SCRIPT, args], env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -216,3 +218,32 @@ def test_separable_forward_at_v3plus_os16_spills_nothing(dtype):
     assert forward["kernel"] == "_separable_forward_kernel" and forward["meta"]["BLOCK_N"] == 256, forward
     assert forward["error"] is None and not forward["problems"], forward
     assert forward["spills"] == 0 and forward["mma"] == "m64n256k16", (_triton_version(), forward)
+
+
+@pytest.mark.parametrize("mid", [False, True], ids=["smp", "mid-stage"])
+def test_the_separable_forward_pipelines_its_weight_chunk(mid):
+    """RESASPP_TRITON_SEPARABLE_TAPS=unrolled (at C = 2048) leaves no inner loop, so Triton's pipeliner takes the K
+    loop: the [32, 256] pointwise weight chunk in a ring as deep as the loop's stages, filled by cp.async,
+    nothing spilled, the same wgmma. The default loop over the live taps: its K loop not pipelined (the report
+    says so)."""
+    (forward,) = _lower_separable_v3plus_os16("bfloat16", backward=False, mid=mid, taps="unrolled")
+    assert forward["kernel"] == "_separable_forward_kernel" and forward["meta"]["UNROLL_TAPS"], forward["meta"]
+    assert forward["pipelined"] and forward["buffers"] == forward["meta"]["STAGES"] == 3, (_triton_version(), forward)
+    assert forward["spills"] == 0 and forward["mma"] == "m64n256k16" and not forward["warnings"], forward
+    (loop,) = _lower_separable_v3plus_os16("bfloat16", backward=False, mid=mid)
+    assert not loop["meta"]["UNROLL_TAPS"] and loop["error"] is None and not loop["problems"], loop
+    assert not loop["pipelined"] and "K loop not pipelined" in loop["warnings"], loop
+
+
+def test_the_pipeline_depth_is_read_from_the_operand_buffers():
+    """lowering._operand_buffers: the leading dimension of a ring of operand tiles; a single tile counts 1; rings
+    of vectors (a prefetched per-channel scale) and integer buffers (barriers) do not count."""
+    from resaspp_ops.backend.triton.lowering import _operand_buffers
+
+    ring = "%b = ttg.local_alloc : () -> !ttg.memdesc<3x32x256xbf16, #shared1, #smem, mutable>"
+    vectors = "%d = ttg.local_alloc : () -> !ttg.memdesc<2x32xf32, #shared, #smem, mutable>"
+    single = "%a = ttg.local_alloc %x : (tensor<128x32xbf16>) -> !ttg.memdesc<128x32xbf16, #shared, #smem>"
+    barriers = "%e = ttg.local_alloc : () -> !ttg.memdesc<3xi64, #shared2, #smem, mutable>"
+    assert _operand_buffers("\n".join([ring, vectors, barriers])) == 3
+    assert _operand_buffers("\n".join([ring, single])) == 1
+    assert _operand_buffers("\n".join([vectors, barriers])) is None

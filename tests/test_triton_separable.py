@@ -94,6 +94,51 @@ def test_padding_taps_are_skipped():
     assert record["tap_tiles"] == int(plan.live_tap_count().sum()) == plan.n_jobs
 
 
+@pytest.mark.parametrize("problem", [Problem(2, 32, 12, 9, 13, (1, 2, 3)),
+                                     Problem(1, 16, 5, 7, 7, (12, 24, 36)),    # every off-centre tap is padding
+                                     Problem(2, 32, 7, 12, 4, (1, 2, 3, 5))], ids=str)
+def test_both_tap_walks_agree(problem, monkeypatch):
+    """The separable forward's two walks over a job's taps (configs.separable_unroll_taps: the loop over the live
+    ones, the default, and the nine taps unrolled, where C is a multiple of 16; until a GPU compares them) run
+    the same taps in the same order: bitwise the same output, and right against float64."""
+    from resaspp_ops.backend.triton import separable_forward
+
+    walks = []
+    launch = separable_forward.run
+    monkeypatch.setattr(separable_forward, "run", lambda *a, **k: walks.append(k["unroll_taps"]) or launch(*a, **k))
+    args = make_separable_problem(problem, "mid", seed=9)
+    out = {}
+    for choice in ("unrolled", "loop"):
+        monkeypatch.setenv("RESASPP_TRITON_SEPARABLE_TAPS", choice)
+        with torch.no_grad():
+            out[choice] = multi_rate_separable_conv2d(**args, backend="triton")
+    assert walks == [True, False]
+    assert torch.equal(out["unrolled"], out["loop"])
+    assert_error_rule(out["unrolled"], multi_rate_separable_conv2d_reference(**detached_copy(args, torch.float64)),
+                      multi_rate_separable_conv2d_reference(**args), floor=FLOOR[torch.float32],
+                      what=f"forward, taps unrolled, {problem}")
+
+
+def test_the_tap_walk_switch(monkeypatch):
+    """RESASPP_TRITON_SEPARABLE_TAPS picks the walk (the loop unless set), use_separable_taps overrides it inside
+    its block (the bench's fused-triton-unrolled), and the unrolled walk runs only where C is a multiple of 16
+    (vector loads)."""
+    monkeypatch.delenv("RESASPP_TRITON_SEPARABLE_TAPS", raising=False)
+    assert not configs.separable_unroll_taps(2048)
+    with configs.use_separable_taps("unrolled"):
+        assert configs.separable_unroll_taps(2048) and configs.separable_unroll_taps(32)
+        assert not configs.separable_unroll_taps(20) and not configs.separable_unroll_taps(8)
+    assert not configs.separable_unroll_taps(2048)
+    monkeypatch.setenv("RESASPP_TRITON_SEPARABLE_TAPS", "unrolled")
+    assert configs.separable_unroll_taps(2048) and not configs.separable_unroll_taps(20)
+    monkeypatch.setenv("RESASPP_TRITON_SEPARABLE_TAPS", "rows")
+    with pytest.raises(ValueError, match="RESASPP_TRITON_SEPARABLE_TAPS='rows': choose loop or unrolled"):
+        configs.separable_unroll_taps(2048)
+    with pytest.raises(ValueError, match="unknown separable tap walk 'rows'"):
+        with configs.use_separable_taps("rows"):
+            pass
+
+
 def test_work_list_skips_taps_on_a_partly_padded_map():
     p = Problem(2, 8, 4, 9, 13, (1, 6))
     config = configs.separable_config("forward", p.n, p.h, p.w, p.c, p.co, torch.float32, torch.device("cpu"),

@@ -355,14 +355,14 @@ phase_bench() {  # phase_bench NAME OUTDIR ARGS...
 FIRST_BENCH_PRESETS="voc-os16 voc-os8 cityscapes-os8 unet-stare v3plus-os16"
 FIRST_BENCH_ARGS=(--levels module --dtypes bfloat16 --modes fwd,fwd+bwd --rate-sets default,paper
   --presets "${FIRST_BENCH_PRESETS// /,}"
-  --providers torchvision-eager,torchvision-eager-cl,torchvision-compile,smp-eager,smp-eager-cl,smp-compile,fused-triton,fused-triton-v1,fused-cuda,fused-auto,fused-auto-compile
+  --providers torchvision-eager,torchvision-eager-cl,torchvision-compile,smp-eager,smp-eager-cl,smp-compile,fused-triton,fused-triton-v1,fused-triton-unrolled,fused-cuda,fused-auto,fused-auto-compile
   --compile-mode reduce-overhead --tag bf16-module)
 
 # The branch level (the kernels alone against 1+B cuDNN convs, and the separable kernels against the separable
 # branch convolutions at v3plus-os16), for the second call.
 SECOND_BENCH_ARGS=(--levels branches --dtypes bfloat16 --modes fwd,fwd+bwd --rate-sets default
   --presets voc-os16,voc-os8,cityscapes-os8,unet-stare,v3plus-os16
-  --providers conv2d-eager,conv2d-eager-cl,conv2d-compile,sepconv-eager,sepconv-eager-cl,sepconv-compile,fused-triton,fused-triton-v1,fused-cuda,fused-cuda-sm90,fused-auto
+  --providers conv2d-eager,conv2d-eager-cl,conv2d-compile,sepconv-eager,sepconv-eager-cl,sepconv-compile,fused-triton,fused-triton-v1,fused-triton-unrolled,fused-cuda,fused-cuda-sm90,fused-auto
   --compile-mode reduce-overhead --tag bf16-branches)
 
 phase_bench_first() {

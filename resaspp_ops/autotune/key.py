@@ -110,7 +110,7 @@ def kernels_fingerprint(package=None) -> str:
 
 # Switches that change a kernel's speed but not its results (its configs, its loop): a decision timed under one
 # setting is not used under another.
-SPEED_SWITCHES = ("RESASPP_TRITON_AUTOTUNE", "RESASPP_TRITON_DGRAD_SEGMENTS")
+SPEED_SWITCHES = ("RESASPP_TRITON_AUTOTUNE", "RESASPP_TRITON_DGRAD_SEGMENTS", "RESASPP_TRITON_SEPARABLE_TAPS")
 
 
 @functools.lru_cache(maxsize=None)

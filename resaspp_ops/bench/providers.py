@@ -11,6 +11,8 @@ Level "module" (the whole ASPP):
                            which fused-cuda runs only once a GPU run has validated them
     fused-auto-compile     torch.compile (the baseline's mode) of FusedASPP(backend="auto"): what a user who
                            compiles the model gets (the op stays one kernel; Inductor fuses what is around it)
+    fused-triton-unrolled  separable family only: FusedSeparableASPP(backend="triton") with the separable forward's
+                           nine taps unrolled (RESASPP_TRITON_SEPARABLE_TAPS=unrolled), beside the default loop
 
 Level "branches" (the 1x1 + B atrous convolutions alone, output [N, (1+B)*Co, H, W]):
     conv2d-eager           1+B F.conv2d calls and the concat, NCHW (what torchvision's ASPP runs)
@@ -20,6 +22,8 @@ Level "branches" (the 1x1 + B atrous convolutions alone, output [N, (1+B)*Co, H,
     fused-triton-v1        multi_rate_conv2d(backend="triton") on the first kernel design
     fused-cuda-sm90        multi_rate_conv2d(backend="cuda") on the sm_90a kernels
     fused-auto-compile     torch.compile of multi_rate_conv2d(backend="auto")
+    fused-triton-unrolled  separable family only: multi_rate_separable_conv2d(backend="triton"), the forward's
+                           taps unrolled
 
 The separable family (DeepLabV3+ presets; bench/separable.py) has the same levels and fused provider names:
     smp-eager / smp-eager-cl / smp-compile        segmentation_models_pytorch's separable ASPP (module level),
@@ -59,20 +63,32 @@ BASELINES = {
     ("separable", "module"): ("smp-eager", "smp-eager-cl", "smp-compile"),
     ("separable", "branches"): ("sepconv-eager", "sepconv-eager-cl", "sepconv-compile"),
 }
-FUSED_BACKENDS = {"fused-triton": "triton", "fused-triton-v1": "triton", "fused-cuda": "cuda",
-                  "fused-cuda-sm90": "cuda", "fused-auto": "auto", "fused-auto-compile": "auto"}
+FUSED_BACKENDS = {"fused-triton": "triton", "fused-triton-v1": "triton", "fused-triton-unrolled": "triton",
+                  "fused-cuda": "cuda", "fused-cuda-sm90": "cuda", "fused-auto": "auto", "fused-auto-compile": "auto"}
 # Providers that run another kernel design or family of a backend, so that one run compares them: (backend, the
 # variant, the op families it exists for).
 KERNEL_VERSIONS = {"fused-triton-v1": ("triton", "v1", ("aspp",)),
+                   "fused-triton-unrolled": ("triton", "taps-unrolled", ("separable",)),
                    "fused-cuda-sm90": ("cuda", "sm90", ("aspp",))}
 
 
 def _variant_context(backend_name: str, variant: str) -> Callable[[], ContextManager]:
-    """A context factory that runs the backend's calls on `variant` (the Triton design, or the CUDA kernel family)."""
+    """A context factory that runs the backend's calls on `variant` (the Triton design, the separable forward's
+    tap walk, or the CUDA kernel family)."""
+    if (backend_name, variant) == ("triton", "taps-unrolled"):
+        from resaspp_ops.backend.triton import configs
+
+        return functools.partial(configs.use_separable_taps, "unrolled")
     module = _backend.get(backend_name)
     if backend_name == "triton":
         return functools.partial(module.use_kernel_version, variant)
     return functools.partial(module.use_kernel, variant)
+
+
+def _variant_note(backend_name: str, variant: str) -> str:
+    if (backend_name, variant) == ("triton", "taps-unrolled"):
+        return "separable forward: the taps unrolled"
+    return f"kernel {'design' if backend_name == 'triton' else 'family'} {variant}"
 YARDSTICK = {key: names[0] for key, names in BASELINES.items()}
 # The op family each preset family runs (backend.FAMILIES).
 OP_FAMILY = {"aspp": _backend.MULTI_RATE, "separable": _backend.SEPARABLE}
@@ -105,7 +121,8 @@ def skip_reason(provider: str, device: torch.device, dtype: torch.dtype, explici
         return "torch.compile on the CPU is slow; ask for it with --providers"
     backend = FUSED_BACKENDS.get(provider)
     if provider in KERNEL_VERSIONS and family not in KERNEL_VERSIONS[provider][2]:
-        return f"{provider} is a kernel variant of {_backend.MULTI_RATE} only"
+        ops = " and ".join(OP_FAMILY[f] for f in KERNEL_VERSIONS[provider][2])
+        return f"{provider} is a kernel variant of {ops} only"
     if backend is not None and backend != "auto":
         if not _backend.implements(backend, OP_FAMILY[family]):
             return _backend.not_implemented_reason(backend, OP_FAMILY[family])
@@ -265,5 +282,5 @@ def build(level: str, provider: str, source: nn.Module, rates, device: torch.dev
     if provider in KERNEL_VERSIONS:
         backend_name, variant, _ = KERNEL_VERSIONS[provider]
         context = _variant_context(backend_name, variant)
-        note = f"kernel {'design' if backend_name == 'triton' else 'family'} {variant}"
+        note = _variant_note(backend_name, variant)
     return Runner(provider, fn, module, channels_last, note, list(module.parameters()), recorder, context)

@@ -10,6 +10,10 @@ Switches (read at call time):
                                  dgrad_v2's K loop: the tile's segment table in registers before the loop (default)
                                  or the earlier loop's two chained loads a step (dgrad_preload_segments), until a
                                  GPU compares the two (benchmarks/NOTES.md)
+    RESASPP_TRITON_SEPARABLE_TAPS=loop|unrolled
+                                 the separable forward's depthwise taps: a loop over a job's live taps (default),
+                                 or unrolled where C is a multiple of 16, so that its K loop pipelines
+                                 (separable_unroll_taps), until a GPU compares the two
 
 Block shapes (Hopper): BLOCK_M = TILE_H * TILE_W output pixels >= 64 and warps a multiple of 4, so tl.dot
 can lower to warpgroup MMA. The forward keeps one fp32 accumulator per branch live at once, so configs
@@ -17,8 +21,10 @@ whose accumulators would pass ~128 registers a thread are pruned.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -48,6 +54,43 @@ def dgrad_preload_segments() -> bool:
     if choice not in ("registers", "loads"):
         raise ValueError(f"RESASPP_TRITON_DGRAD_SEGMENTS={choice!r}: choose registers or loads")
     return choice == "registers"
+
+
+SEPARABLE_TAP_WALKS = ("loop", "unrolled")
+_separable_taps_override: Optional[str] = None
+
+
+def separable_taps() -> str:
+    """The separable forward's walk over a job's taps: use_separable_taps's inside its block, else
+    RESASPP_TRITON_SEPARABLE_TAPS, "loop" (unset: the default) or "unrolled"."""
+    if _separable_taps_override is not None:
+        return _separable_taps_override
+    choice = os.environ.get("RESASPP_TRITON_SEPARABLE_TAPS", "loop").strip().lower() or "loop"
+    if choice not in SEPARABLE_TAP_WALKS:
+        raise ValueError(f"RESASPP_TRITON_SEPARABLE_TAPS={choice!r}: choose loop or unrolled")
+    return choice
+
+
+@contextlib.contextmanager
+def use_separable_taps(choice: str):
+    """Run the separable forwards inside the block with this tap walk (process-wide, as use_kernel_version): the
+    benchmark's fused-triton-unrolled provider."""
+    global _separable_taps_override
+    if choice not in SEPARABLE_TAP_WALKS:
+        raise ValueError(f"unknown separable tap walk {choice!r}; choose loop or unrolled")
+    previous, _separable_taps_override = _separable_taps_override, choice
+    try:
+        yield
+    finally:
+        _separable_taps_override = previous
+
+
+def separable_unroll_taps(c: int) -> bool:
+    """Whether the separable forward unrolls its nine taps for C input channels: the "unrolled" walk, and C a
+    multiple of 16. Triton then knows every pixel's channels 16-byte aligned and loads vectors; at other C each
+    element has its own address registers, nine taps' worth unrolled, and the unrolled forward spilled 0.3-1.4
+    KiB at the tests' awkward C (sm_90a, benchmarks/NOTES.md), so there the loop runs."""
+    return separable_taps() == "unrolled" and c % 16 == 0
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -94,15 +94,17 @@ def _operand_buffers(ttgir: str) -> Optional[int]:
     """The pipeline depth the compiler allocated: the leading dimension of the floating-point shared-memory
     buffers (ttg.local_alloc of a memdesc stages x rows x columns), the smallest where they differ; 1 where the
     operands are staged in single buffers (rank 2); None without any. Integer buffers (barriers, pipelined
-    scalar loads) do not count."""
+    scalar loads) and rings of vectors (stages x length, stages <= 4: a per-channel vector the pipeliner
+    prefetched, never a dot operand, whose sides are 8 or more) do not count."""
     depths = []
     for line in ttgir.splitlines():
         if "ttg.local_alloc" not in line:
             continue
         for shape in re.findall(r"!ttg\.memdesc<([0-9x]+x[a-zA-Z][a-zA-Z0-9]*)", line):
             *dims, element = shape.split("x")
-            if element.startswith(("f", "bf", "tf")):
-                depths.append(int(dims[0]) if len(dims) >= 3 else 1)
+            if not element.startswith(("f", "bf", "tf")) or (len(dims) == 2 and int(dims[0]) <= 4):
+                continue
+            depths.append(int(dims[0]) if len(dims) >= 3 else 1)
     return min(depths) if depths else None
 
 

@@ -54,7 +54,8 @@ def forward(x, w1x1, w_dw, w_pw, rates, mid_scale, mid_shift, mid_relu, scale, s
     with host.device_guard(x):
         programs = kf.run(host.nhwc(x), ops, _device_array(plan.jobs, x.device),
                           host.rates_tensor(tuple(rates), x.device), out_nhwc, mid_relu, scale, shift, relu, count,
-                          tiles_w=plan.tiles_w, config=config, **_launch_args(k, x, max(c, out_c)))
+                          tiles_w=plan.tiles_w, unroll_taps=k.configs.separable_unroll_taps(c), config=config,
+                          **_launch_args(k, x, max(c, out_c)))
     if count is not None:
         host.counter().records.append(dict(kernel="separable_forward", tap_tiles=int(count[0].item()),
                                            programs=programs, plan=plan))

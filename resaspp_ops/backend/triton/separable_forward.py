@@ -6,6 +6,12 @@ pointwise GEMM. A program walks C in chunks of BLOCK_K; per chunk it loads the j
 multiply-adds the depthwise taps in fp32 registers, applies the mid stage (scale, shift, ReLU), casts to x's
 dtype and feeds that [BLOCK_M, BLOCK_K] block as the A operand of the pointwise MMA against the chunk's
 [BLOCK_K, BLOCK_N] weights. The depthwise output never leaves registers; a tap wholly in padding costs nothing.
+Two walks over a job's taps (UNROLL_TAPS; configs.separable_unroll_taps), the same taps in the same order, so
+bitwise the same result: a loop over the live taps (the default; the nested loop keeps Triton's pipeliner off,
+so each chunk waits for its weights), or the nine taps unrolled, each under a branch on its bit (opt-in, where C
+is a multiple of 16: no inner loop, so the pipeliner takes the K loop and the weight chunk arrives by cp.async
+ahead of its use, but the compiler then moves the depthwise block's conversion to the MMA operand layout into
+every live tap's branch); the first GPU run compares them (benchmarks/NOTES.md).
 Then multi_rate_conv2d's epilogue into the concatenated channels_last output, half the channels at a time
 (tiles.epilogue_store_halves: whole, it spilled under Triton 3.6).
 """
@@ -34,6 +40,26 @@ def depthwise_block(x_ptr, dw_ptr, row, hh, ww, valid, table, n_live, branch, ra
                      mask=p_ok[:, None] & k_ok[None, :], other=0.0)
         wv = tl.load(dw_ptr + (branch * 9 + tap) * C + k0 + offs_k, mask=k_ok, other=0.0)
         d += xv.to(tl.float32) * wv[None, :]
+    return d
+
+
+@triton.jit
+def depthwise_block_unrolled(x_ptr, dw_ptr, row, hh, ww, valid, taps, branch, rate, k0, offs_k, k_ok, H, W, C,
+                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """depthwise_block with the nine taps unrolled, each under a branch on its bit of the job's tap mask `taps`,
+    in tap order as the loop's live-tap table: no inner loop left in the caller's K loop."""
+    d = tl.full([BLOCK_M, BLOCK_K], 0.0, tl.float32)
+    for tap in tl.static_range(9):
+        if ((taps >> tap) & 1) != 0:
+            dy = (tap // 3 - 1) * rate
+            dx = (tap % 3 - 1) * rate
+            hs = hh + dy
+            ws = ww + dx
+            p_ok = valid & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
+            xv = tl.load(x_ptr + (row + dy * W + dx)[:, None] * C + k0 + offs_k[None, :],
+                         mask=p_ok[:, None] & k_ok[None, :], other=0.0)
+            wv = tl.load(dw_ptr + (branch * 9 + tap) * C + k0 + offs_k, mask=k_ok, other=0.0)
+            d += xv.to(tl.float32) * wv[None, :]
     return d
 
 
@@ -71,6 +97,7 @@ def _separable_forward_kernel(
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, RELU: tl.constexpr,
     IDX64: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # bf16 operands cast to fp32 before tl.dot: only for the interpreter, whose dot lacks bf16
+    UNROLL_TAPS: tl.constexpr,  # the nine taps unrolled (depthwise_block_unrolled), else a loop over the live ones
     STACK: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
@@ -93,8 +120,12 @@ def _separable_forward_kernel(
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     for k0 in tl.range(0, C, BLOCK_K, num_stages=STAGES):
         k_ok = offs_k < C - k0
-        d = depthwise_block(x_ptr, dw_ptr, row, hh, ww, valid, table, n_live, branch, rate, k0, offs_k, k_ok,
-                            H, W, C, BLOCK_M, BLOCK_K)
+        if UNROLL_TAPS:
+            d = depthwise_block_unrolled(x_ptr, dw_ptr, row, hh, ww, valid, taps, branch, rate, k0, offs_k, k_ok,
+                                         H, W, C, BLOCK_M, BLOCK_K)
+        else:
+            d = depthwise_block(x_ptr, dw_ptr, row, hh, ww, valid, table, n_live, branch, rate, k0, offs_k, k_ok,
+                                H, W, C, BLOCK_M, BLOCK_K)
         _, a = mid_stage(d, branch, k0, offs_k, k_ok, C, mid_scale_ptr, mid_shift_ptr,
                          HAS_MID_SCALE, HAS_MID_SHIFT, MID_RELU)
         a = a.to(x_ptr.dtype.element_ty)
@@ -110,7 +141,7 @@ def _separable_forward_kernel(
 
 
 def run(xh, ops, jobs, rates_t, out, mid_relu, scale, shift, relu, counter, *, tiles_w, idx64, precision, upcast,
-        config):
+        unroll_taps, config):
     """One launch over every job of the work list; returns the number of programs.
 
     xh [N, H, W, C] NHWC; ops: separable_plan.SeparableOperands; jobs [J, 4] int32; rates_t [B] int32;
@@ -127,5 +158,5 @@ def run(xh, ops, jobs, rates_t, out, mid_relu, scale, shift, relu, counter, *, t
         dummy if scale is None else scale, dummy if shift is None else shift, dummy if counter is None else counter,
         n, h, w, c, co, out.shape[3], tiles_w,
         ops.mid_scale is not None, ops.mid_shift is not None, mid_relu, scale is not None, shift is not None, relu,
-        idx64, counter is not None, precision, upcast, **config)
+        idx64, counter is not None, precision, upcast, unroll_taps, **config)
     return grid[0]
