@@ -24,22 +24,29 @@ from resaspp_ops.backend.triton.tiles import epilogue_store_halves, job_rows, li
 
 
 @triton.jit
+def depthwise_tap(x_ptr, dw_ptr, row, hh, ww, valid, branch, rate, tap, k0, offs_k, k_ok, H, W, C):
+    """[BLOCK_M, BLOCK_K] fp32: one tap's term of the depthwise output, x shifted by the tap's offset (zero
+    where that lands in padding) times the tap's weights. x_ptr [N, H, W, C] NHWC; dw_ptr [1+B, 9, C] fp32."""
+    dy = (tap // 3 - 1) * rate
+    dx = (tap % 3 - 1) * rate
+    hs = hh + dy
+    ws = ww + dx
+    p_ok = valid & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
+    xv = tl.load(x_ptr + (row + dy * W + dx)[:, None] * C + k0 + offs_k[None, :],
+                 mask=p_ok[:, None] & k_ok[None, :], other=0.0)
+    wv = tl.load(dw_ptr + (branch * 9 + tap) * C + k0 + offs_k, mask=k_ok, other=0.0)
+    return xv.to(tl.float32) * wv[None, :]
+
+
+@triton.jit
 def depthwise_block(x_ptr, dw_ptr, row, hh, ww, valid, table, n_live, branch, rate, k0, offs_k, k_ok, H, W, C,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """[BLOCK_M, BLOCK_K] fp32: the depthwise output of one branch on a tile's rows for channels k0 + offs_k,
-    summed over the live taps in `table` (tiles.live_tap_table). x_ptr [N, H, W, C] NHWC; dw_ptr [1+B, 9, C] fp32."""
+    summed over the live taps in `table` (tiles.live_tap_table), one a step."""
     d = tl.full([BLOCK_M, BLOCK_K], 0.0, tl.float32)
     for j in range(0, n_live):
-        tap = (table >> (4 * j)) & 15
-        dy = (tap // 3 - 1) * rate
-        dx = (tap % 3 - 1) * rate
-        hs = hh + dy
-        ws = ww + dx
-        p_ok = valid & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
-        xv = tl.load(x_ptr + (row + dy * W + dx)[:, None] * C + k0 + offs_k[None, :],
-                     mask=p_ok[:, None] & k_ok[None, :], other=0.0)
-        wv = tl.load(dw_ptr + (branch * 9 + tap) * C + k0 + offs_k, mask=k_ok, other=0.0)
-        d += xv.to(tl.float32) * wv[None, :]
+        d += depthwise_tap(x_ptr, dw_ptr, row, hh, ww, valid, branch, rate, (table >> (4 * j)) & 15, k0, offs_k,
+                           k_ok, H, W, C)
     return d
 
 
@@ -51,15 +58,7 @@ def depthwise_block_unrolled(x_ptr, dw_ptr, row, hh, ww, valid, taps, branch, ra
     d = tl.full([BLOCK_M, BLOCK_K], 0.0, tl.float32)
     for tap in tl.static_range(9):
         if ((taps >> tap) & 1) != 0:
-            dy = (tap // 3 - 1) * rate
-            dx = (tap % 3 - 1) * rate
-            hs = hh + dy
-            ws = ww + dx
-            p_ok = valid & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
-            xv = tl.load(x_ptr + (row + dy * W + dx)[:, None] * C + k0 + offs_k[None, :],
-                         mask=p_ok[:, None] & k_ok[None, :], other=0.0)
-            wv = tl.load(dw_ptr + (branch * 9 + tap) * C + k0 + offs_k, mask=k_ok, other=0.0)
-            d += xv.to(tl.float32) * wv[None, :]
+            d += depthwise_tap(x_ptr, dw_ptr, row, hh, ww, valid, branch, rate, tap, k0, offs_k, k_ok, H, W, C)
     return d
 
 
